@@ -1,0 +1,60 @@
+"""Engine and sessions. One engine per database URL per process."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from recsys.config import Settings, get_settings
+
+_engines: dict[tuple[int, str], Engine] = {}
+_lock = threading.Lock()
+
+
+def database_url(settings: Settings) -> str:
+    """SQLAlchemy URL: the external `DATABASE_URL`, else the embedded server's socket."""
+    if settings.database_url:
+        return settings.sqlalchemy_url
+    from recsys.services import embedded_database_url
+
+    return embedded_database_url(settings)
+
+
+def get_engine(settings: Settings | None = None) -> Engine:
+    """The process's engine for these settings; a forked child gets its own pool."""
+    settings = settings or get_settings()
+    url = database_url(settings)
+    key = (os.getpid(), url)
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            _engines[key] = engine
+        return engine
+
+
+def dispose_engines() -> None:
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+@contextmanager
+def session_scope(settings: Settings | None = None) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    factory = sessionmaker(bind=get_engine(settings), expire_on_commit=False)
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

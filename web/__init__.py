@@ -1,0 +1,1 @@
+"""Flask app: JSON API (/api/v1) and admin pages (/admin)."""
