@@ -1,0 +1,126 @@
+"""Loading and reading the catalog: ingest, embed, stats, search, history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from recsys.cli.common import SERVICE_FAILURE, emit, ensure_database, fail, json_option
+
+INGEST_STAGES = ("read", "clean", "parse", "copy", "insert", "aggregate")
+
+
+@click.command("ingest")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+def ingest(path: Path, as_json: bool) -> None:
+    """Load an Online Retail file (.csv, .csv.gz, .xlsx; UTF-8 or ISO-8859-1)."""
+    from recsys.ingest import IngestError, ingest_file
+
+    if not path.is_file():
+        fail(f"no such file: {path}")
+    settings = ensure_database()
+    with tqdm(total=len(INGEST_STAGES), desc=f"ingest {path.name}", unit="step", disable=None) as bar:
+        def step(stage: str) -> None:
+            bar.set_postfix_str(stage)
+            bar.update(1)
+
+        try:
+            report = ingest_file(path, settings, progress=step)
+        except IngestError as exc:
+            fail(str(exc))
+    emit(report.as_dict(), as_json, _render_ingest)
+
+
+def _render_ingest(report: dict) -> None:
+    click.echo(
+        f"read {report['rows_read']:,} rows; cleaned out {report['rows_cleaned_out']:,} "
+        f"(nulls {report['rows_with_nulls']:,}, duplicates {report['duplicate_rows']:,}, "
+        f"cancelled {report['cancelled_rows']:,}); rejected {report['rows_rejected']:,}; "
+        f"loaded {report['rows_loaded']:,} ({report['rows_new']:,} new) in {report['seconds']:.1f} s"
+    )
+    click.echo(
+        f"catalog: {report['purchases_total']:,} purchases, {report['customers_total']:,} customers, "
+        f"{report['products_total']:,} products"
+    )
+
+
+@click.command("embed")
+@json_option
+def embed(as_json: bool) -> None:
+    """Embed every product that has no embedding from the configured model."""
+    from recsys.embedding import EmbeddingError, embed_products
+
+    settings = ensure_database()
+    bar = tqdm(desc=f"embed ({settings.embedding_model})", unit="product", disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        report = embed_products(settings, progress=progress)
+    except EmbeddingError as exc:
+        fail(str(exc), SERVICE_FAILURE)
+    finally:
+        bar.close()
+    emit(report.as_dict(), as_json, lambda r: click.echo(
+        f"embedded {r['embedded']:,} products with {r['model']} in {r['seconds']:.1f} s"))
+
+
+@click.command("stats")
+@json_option
+def stats(as_json: bool) -> None:
+    """Counts: purchases, customers, products, embedding coverage."""
+    from recsys.retrieval import stats as catalog_stats
+
+    data = catalog_stats(ensure_database())
+    emit(data, as_json, lambda d: [click.echo(f"{k:20} {v}") for k, v in d.items()])
+
+
+@click.command("search")
+@click.argument("query")
+@click.option("-k", "k", default=10, show_default=True, type=int, help="How many products.")
+@click.option("--ef-search", type=int, default=None, help="HNSW ef_search for this query (RECSYS_EF_SEARCH).")
+@json_option
+def search(query: str, k: int, ef_search: int | None, as_json: bool) -> None:
+    """Products nearest to QUERY by cosine similarity (HNSW index)."""
+    from recsys.retrieval import search as vector_search
+
+    if k <= 0:
+        fail(f"-k must be a positive integer, got {k}")
+    if not query.strip():
+        fail("the query text is empty")
+    hits = vector_search(query, k, ensure_database(), ef_search=ef_search)
+    emit([h.as_dict() for h in hits], as_json, _render_hits)
+
+
+def _render_hits(hits: list[dict]) -> None:
+    for rank, hit in enumerate(hits, 1):
+        click.echo(f"{rank:3}. {hit['stock_code']:10} {hit['score']:.3f}  {hit['description']}")
+
+
+@click.command("history")
+@click.argument("customer_id", type=int)
+@click.option("-n", "n", default=10, show_default=True, type=int, help="How many products.")
+@click.option("--order", type=click.Choice(["recent", "seed"]), default="recent", show_default=True,
+              help="recent: most recently bought first; seed: the notebook's (stock codes sorted).")
+@json_option
+def history(customer_id: int, n: int, order: str, as_json: bool) -> None:
+    """A customer's purchased products."""
+    from recsys.retrieval import history as customer_history
+
+    if n <= 0:
+        fail(f"-n must be a positive integer, got {n}")
+    entries = customer_history(customer_id, n, order, ensure_database())
+    emit([e.as_dict() for e in entries], as_json, lambda rows: [
+        click.echo(f"{r['last_purchased_at']}  {r['stock_code']:10} x{r['quantity']:<5} {r['description']}")
+        for r in rows] or click.echo(f"customer {customer_id} has no purchases"))
+
+
+def register(cli: click.Group) -> None:
+    for command in (ingest, embed, stats, search, history):
+        cli.add_command(command)
