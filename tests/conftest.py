@@ -1,0 +1,184 @@
+"""Shared fixtures: a real embedded Postgres + pgvector and a real Valkey for the whole session.
+
+Each test that touches the database gets its own database, cloned from a migrated template
+(`CREATE DATABASE … TEMPLATE`), so tests may commit, COPY and refresh freely and still never
+see each other's rows. Set RECSYS_TEST_DATABASE_URL to run against an external server instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from recsys import migrate, services  # noqa: E402
+from recsys.config import Settings, set_settings  # noqa: E402
+from recsys.db import dispose_engines, get_engine  # noqa: E402
+
+TEMPLATE_DB = "recsys_template"
+_database_ids = itertools.count()
+
+
+def pytest_collection_modifyitems(config, items):
+    """gpu tests run only where CUDA is present."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def test_home():
+    """A short path (unix socket names are limited to ~107 bytes)."""
+    home = Path(tempfile.mkdtemp(prefix="recsys-test-", dir="/tmp"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def base_settings(test_home) -> Settings:
+    external = os.environ.get("RECSYS_TEST_DATABASE_URL")
+    return Settings(
+        home=test_home,
+        database_url=external,
+        db_name=TEMPLATE_DB,
+        broker_port=free_port(),
+        model_cache=Path(os.environ.get("RECSYS_TEST_MODEL_CACHE", Path.home() / ".cache" / "recsys-test-models")),
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres(base_settings):
+    """The session's Postgres, with a template database at the latest migration."""
+    started_here = base_settings.uses_embedded_db
+    if started_here:
+        services.start_postgres(base_settings)
+    migrate.upgrade(base_settings)
+    dispose_engines()
+    yield base_settings
+    dispose_engines()
+    if started_here:
+        services.stop_postgres(base_settings)
+
+
+def _admin_execute(settings: Settings, statement: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    from recsys.db import database_url
+
+    url = database_url(settings.with_(db_name="postgres")) if settings.uses_embedded_db else settings.sqlalchemy_url
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def db(postgres) -> Settings:
+    """Settings pointing at a fresh database of this test's own, at the latest migration."""
+    if not postgres.uses_embedded_db:
+        pytest.skip("per-test databases need the embedded server")
+    name = f"recsys_test_{os.getpid()}_{next(_database_ids)}"
+    _admin_execute(postgres, f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+    settings = postgres.with_(db_name=name)
+    set_settings(settings)
+    yield settings
+    set_settings(None)
+    dispose_engines()
+    _admin_execute(postgres, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_db(postgres) -> Settings:
+    """A fresh database with no schema at all, for migration tests."""
+    name = f"recsys_empty_{os.getpid()}_{next(_database_ids)}"
+    _admin_execute(postgres, f'CREATE DATABASE "{name}"')
+    settings = postgres.with_(db_name=name)
+    yield settings
+    dispose_engines()
+    _admin_execute(postgres, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def broker(base_settings):
+    """The session's Valkey on a free loopback port."""
+    if not base_settings.uses_embedded_broker:
+        yield base_settings
+        return
+    services.start_broker(base_settings)
+    yield base_settings
+    services.stop_broker(base_settings)
+
+
+@pytest.fixture
+def engine(db):
+    return get_engine(db)
+
+
+SAMPLE_HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+SAMPLE_ROWS = [
+    "536365,71053,WHITE METAL LANTERN,6,2010-12-01 08:26:00,3.39,17850,United Kingdom",
+    "536365,22224,WHITE LOVEBIRD LANTERN,2,2010-12-01 08:26:00,2.95,17850,United Kingdom",
+    "536366,21669,BLUE STRIPE CERAMIC DRAWER KNOB,12,2010-12-02 09:00:00,1.25,17850,United Kingdom",
+    "536367,15056N,EDWARDIAN PARASOL NATURAL,3,2010-12-03 10:00:00,5.95,15781,United Kingdom",
+    "536367,21669,BLUE STRIPE CERAMIC DRAWER KNOB,12,2010-12-03 10:00:00,1.25,15781,United Kingdom",
+    "536367,22224,WHITE LOVEBIRD LANTERN,12,2010-12-03 10:00:00,2.95,15781,United Kingdom",
+    "536368,22340,NOEL GARLAND PAINTED ZINC,24,2010-12-04 11:00:00,0.65,15781,United Kingdom",
+    "536369,85123A,WHITE HANGING HEART T-LIGHT HOLDER,6,2010-12-05 12:00:00,2.55,12583,France",
+    "536369,84879,ASSORTED COLOUR BIRD ORNAMENT,32,2010-12-05 12:00:00,1.69,12583,France",
+    "536370,23084,RABBIT NIGHT LIGHT,24,2010-12-06 13:00:00,1.79,12583,France",
+    "536370,POST,POSTAGE,1,2010-12-06 13:00:00,18.00,12583,France",
+    "536371,20725,LUNCH BAG RED RETROSPOT,10,2010-12-07 14:00:00,1.65,13047,United Kingdom",
+    "536371,23206,LUNCH BAG APPLE DESIGN,10,2010-12-07 14:00:00,1.65,13047,United Kingdom",
+    "536372,21731,RED TOADSTOOL LED NIGHT LIGHT,24,2010-12-08 15:00:00,1.65,13047,United Kingdom",
+    "536373,90001B,COPPER AND BRASS BAG CHARM,4,2010-12-09 16:00:00,2.10,14000,United Kingdom",
+    "536373,90001C,IVORY GOLD METAL BAG CHARM,4,2010-12-09 16:00:00,2.10,14000,United Kingdom",
+    "536373,90001D,WHITE WITH METAL BAG CHARM,4,2010-12-09 16:00:00,2.10,14000,United Kingdom",
+    "536374,21754,HOME BUILDING BLOCK WORD,3,2010-12-10 09:00:00,5.95,14000,United Kingdom",
+    "536374,82482,WOODEN PICTURE FRAME WHITE FINISH,6,2010-12-10 09:00:00,2.55,14000,United Kingdom",
+    "536375,22728,ALARM CLOCK BAKELIKE PINK,4,2010-12-11 10:00:00,3.75,15781,United Kingdom",
+]
+
+
+@pytest.fixture
+def sample_csv(tmp_path) -> Path:
+    """A small, clean Online Retail file with known customers and products."""
+    path = tmp_path / "sample.csv"
+    path.write_text(SAMPLE_HEADER + "\n".join(SAMPLE_ROWS) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def loaded_db(db, sample_csv) -> Settings:
+    """A test database with the sample file ingested and embedded."""
+    from recsys.embedding import embed_products
+    from recsys.ingest import ingest_file
+
+    ingest_file(sample_csv, db)
+    embed_products(db)
+    return db

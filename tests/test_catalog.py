@@ -1,0 +1,92 @@
+"""Embeddings, HNSW search, history order and stats against the real database."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+
+from recsys.cli import cli
+from recsys.db import get_engine
+from recsys.embedding import embed_products, encode, resolve_model_path
+from recsys.retrieval import history, search, stats
+
+
+def test_embed_fills_every_product_once(loaded_db):
+    with get_engine(loaded_db).connect() as conn:
+        missing = conn.execute(text("SELECT count(*) FROM products WHERE embedding IS NULL")).scalar_one()
+        norms = conn.execute(text("SELECT vector_norm(embedding) FROM products")).scalars().all()
+    assert missing == 0
+    assert np.allclose(norms, 1.0, atol=1e-4)
+    assert embed_products(loaded_db).embedded == 0
+
+
+def test_model_change_re_embeds(loaded_db):
+    local_path = resolve_model_path(loaded_db.embedding_model)
+    changed = loaded_db.with_(embedding_model=local_path)
+    report = embed_products(changed)
+    assert report.embedded == stats(changed)["products"]
+    with get_engine(changed).connect() as conn:
+        models = conn.execute(text("SELECT DISTINCT embedding_model FROM products")).scalars().all()
+    assert models == [local_path]
+
+
+def test_search_finds_lanterns_and_skips_non_products(loaded_db):
+    hits = search("lantern", 3, loaded_db)
+    assert len(hits) == 3
+    assert all("LANTERN" in h.description for h in hits[:2])
+    assert hits[0].score >= hits[1].score >= hits[2].score
+    assert "POST" not in {h.stock_code for h in search("postage", 10, loaded_db)}
+
+
+def test_search_goes_through_the_hnsw_index(loaded_db):
+    vector = "[" + ",".join(str(x) for x in encode(["lantern"], loaded_db)[0]) + "]"
+    with get_engine(loaded_db).begin() as conn:
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(conn.execute(text(
+            "EXPLAIN SELECT stock_code FROM products ORDER BY embedding <=> CAST(:q AS vector) LIMIT 3"
+        ), {"q": vector}).scalars())
+    assert "ix_products_embedding_hnsw" in plan
+
+
+def test_search_rejects_bad_k(loaded_db):
+    with pytest.raises(ValueError, match="positive"):
+        search("lantern", 0, loaded_db)
+
+
+def test_history_orders(loaded_db):
+    recent = [h.description for h in history(15781, 10, "recent", loaded_db)]
+    assert recent[0] == "ALARM CLOCK BAKELIKE PINK"
+    assert recent[1] == "NOEL GARLAND PAINTED ZINC"
+    seed = [h.description for h in history(15781, 3, "seed", loaded_db)]
+    assert seed == ["EDWARDIAN PARASOL NATURAL", "BLUE STRIPE CERAMIC DRAWER KNOB", "WHITE LOVEBIRD LANTERN"]
+    assert history(99999, 5, "recent", loaded_db) == []
+    with pytest.raises(ValueError):
+        history(15781, 3, "random", loaded_db)
+
+
+def test_history_counts(loaded_db):
+    knob = next(h for h in history(17850, 10, "recent", loaded_db) if h.stock_code == "21669")
+    assert (knob.quantity, knob.times_bought) == (12, 1)
+
+
+def test_cli_read_commands(loaded_db):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["stats", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["purchases"] == 20 and data["embedded_products"] == data["products"]
+    assert data["embedding_model"] == loaded_db.embedding_model
+
+    result = runner.invoke(cli, ["search", "lantern", "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [set(hit) for hit in json.loads(result.output)] == [{"stock_code", "description", "score"}] * 3
+
+    result = runner.invoke(cli, ["history", "15781", "-n", "3", "--order", "seed", "--json"])
+    assert [row["description"] for row in json.loads(result.output)][0] == "EDWARDIAN PARASOL NATURAL"
+
+    result = runner.invoke(cli, ["search", "lantern", "-k", "0"])
+    assert result.exit_code == 2 and "positive" in result.output

@@ -1,0 +1,84 @@
+"""The embedded services: start, status, env, stop, and one-line failures."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from recsys import services
+from recsys.cli import cli
+from recsys.config import Settings, set_settings
+
+
+def test_broker_answers_and_status_reports_it(broker):
+    assert redis.Redis.from_url(broker.celery_broker_url).ping()
+    status = services.broker_status(broker)
+    assert status.running and status.where == f"127.0.0.1:{broker.broker_port}"
+
+
+def test_postgres_status_and_env(postgres):
+    status = services.postgres_status(postgres)
+    assert status.running and status.pid
+    env = services.service_env(postgres)
+    assert env["DATABASE_URL"].startswith("postgresql://postgres@/")
+    assert env["CELERY_BROKER_URL"] == f"redis://127.0.0.1:{postgres.broker_port}/0"
+
+
+def test_start_is_idempotent_across_calls(postgres):
+    first = services.start_postgres(postgres)
+    second = services.start_postgres(postgres)
+    assert first.pid == second.pid
+
+
+def test_taken_port_is_reported_in_one_line(tmp_path):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        settings = Settings(home=tmp_path / "home", broker_port=port)
+        with pytest.raises(services.ServiceError, match=f"port {port}.*taken"):
+            services.start_broker(settings)
+
+
+def test_unwritable_home_is_reported(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    settings = Settings(home=blocker / "home")
+    with pytest.raises(services.ServiceError, match="not writable"):
+        services.start_postgres(settings)
+
+
+def test_cli_service_failure_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    set_settings(Settings(home=blocker / "home"))
+    try:
+        result = CliRunner().invoke(cli, ["services", "start"])
+    finally:
+        set_settings(None)
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "not writable" in result.output
+
+
+def test_broker_stop_and_restart(tmp_path):
+    from conftest import free_port
+
+    settings = Settings(home=tmp_path / "home", broker_port=free_port())
+    services.start_broker(settings)
+    assert services.broker_status(settings).running
+    assert services.stop_broker(settings)
+    assert not services.broker_status(settings).running
+    assert not services.stop_broker(settings)
+
+
+def test_external_urls_start_nothing(tmp_path):
+    settings = Settings(home=tmp_path / "never", database_url="postgresql://u:secret@127.0.0.1:1/x",
+                        broker_url="redis://127.0.0.1:1/0")
+    statuses = services.start_all(settings)
+    assert not (tmp_path / "never").exists()
+    assert all(not s.embedded and not s.running for s in statuses)
+    assert "secret" not in statuses[0].where
+    assert services.service_env(settings)["CELERY_BROKER_URL"] == "redis://127.0.0.1:1/0"
