@@ -52,7 +52,9 @@ def load_model(name: str):
         model = _models.get(name)
         if model is None:
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
 
+            transformers_logging.disable_progress_bar()
             started = time.perf_counter()
             try:
                 model = SentenceTransformer(resolve_model_path(name), device="cpu")

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, text
 
 from recsys.config import Settings, get_settings
 from recsys.db import get_engine
+from recsys.sql_surface import refresh_materialized_views
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class IngestReport:
     rows_rejected: int = 0
     rows_loaded: int = 0
     rows_new: int = 0
+    copurchase_refresh_seconds: float = 0.0
     purchases_total: int = 0
     customers_total: int = 0
     products_total: int = 0
@@ -227,6 +229,12 @@ def ingest_file(
         with engine.begin() as conn:
             _finish_run(conn, report, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    refresh_started = time.perf_counter()
+    with engine.begin() as conn:
+        conn.execute(text("SET LOCAL work_mem = '256MB'"))
+        refresh_materialized_views(conn)
+    report.copurchase_refresh_seconds = time.perf_counter() - refresh_started
+    step("refresh")
     log.info(
         "ingested %s: %d read, %d loaded (%d new), %d rejected in %.1f s",
         path, report.rows_read, report.rows_loaded, report.rows_new, report.rows_rejected, report.seconds,

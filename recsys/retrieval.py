@@ -1,11 +1,17 @@
-"""Reads from the catalog: vector search, purchase history, statistics."""
+"""Reads from the catalog through the SQL functions in sql/: search, similar, history, statistics.
+
+Each search runs in its own transaction with `SET LOCAL hnsw.ef_search`, so ef_search can be
+chosen per call (default `RECSYS_EF_SEARCH`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from sqlalchemy import text
+import numpy as np
+from sqlalchemy import Connection, text
 
 from recsys.config import Settings, get_settings
 from recsys.db import get_engine
@@ -41,69 +47,174 @@ def _check_k(k: int, name: str = "k") -> None:
         raise ValueError(f"{name} must be a positive integer, got {k}")
 
 
+@contextmanager
+def _search_transaction(settings: Settings, ef_search: int | None) -> Iterator[Connection]:
+    """A transaction with this call's HNSW ef_search (SET LOCAL: it ends with the transaction)."""
+    with get_engine(settings).begin() as conn:
+        conn.execute(
+            text("SELECT set_config('hnsw.ef_search', :ef, true)"), {"ef": str(ef_search or settings.ef_search)}
+        )
+        yield conn
+
+
 def search_by_vector(
-    query_embedding: Sequence[float], k: int = 10, settings: Settings | None = None, ef_search: int | None = None
+    query_embedding: Sequence[float],
+    k: int = 10,
+    settings: Settings | None = None,
+    ef_search: int | None = None,
+    exclude_customer: int | None = None,
 ) -> list[SearchHit]:
-    """Nearest recommendable products by cosine similarity, through the HNSW index."""
+    """Nearest recommendable products by cosine similarity (SQL `search_products`).
+
+    With `exclude_customer`, what that customer already bought is left out and k rows still
+    come back (iterative index scan).
+    """
     _check_k(k)
     settings = settings or get_settings()
-    with get_engine(settings).begin() as conn:
-        ef = str(ef_search or settings.ef_search)
-        conn.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"), {"ef": ef})
-        conn.execute(text("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)"))
+    with _search_transaction(settings, ef_search) as conn:
         rows = conn.execute(
-            text(
-                """
-                SELECT stock_code, description, 1 - (embedding <=> CAST(:q AS vector)) AS score
-                FROM products
-                WHERE embedding IS NOT NULL AND NOT is_non_product
-                ORDER BY embedding <=> CAST(:q AS vector)
-                LIMIT :k
-                """
-            ),
-            {"q": vector_literal(query_embedding), "k": k},
+            text("SELECT stock_code, description, score FROM search_products(CAST(:q AS vector), :k, :customer)"),
+            {"q": vector_literal(query_embedding), "k": k, "customer": exclude_customer},
         ).all()
     return [SearchHit(r.stock_code, r.description, float(r.score)) for r in rows]
 
 
-def search(query: str, k: int = 10, settings: Settings | None = None, ef_search: int | None = None) -> list[SearchHit]:
-    """Products nearest to a text query."""
+def search(
+    query: str,
+    k: int = 10,
+    settings: Settings | None = None,
+    ef_search: int | None = None,
+    customer_id: int | None = None,
+    exclude_purchased: bool = False,
+    hybrid: bool = False,
+) -> list[SearchHit]:
+    """Products for a text query: vector search, or full-text + vector fused by reciprocal rank."""
     _check_k(k)
     settings = settings or get_settings()
-    return search_by_vector(encode_query(query, settings), k, settings, ef_search)
+    if exclude_purchased and customer_id is None:
+        raise ValueError("excluding purchases needs a customer id")
+    if hybrid and exclude_purchased:
+        raise ValueError("hybrid search cannot exclude purchases; use vector search for that")
+    vector = encode_query(query, settings)
+    if not hybrid:
+        return search_by_vector(vector, k, settings, ef_search, customer_id if exclude_purchased else None)
+    with _search_transaction(settings, ef_search) as conn:
+        rows = conn.execute(
+            text("SELECT stock_code, description, score FROM hybrid_search(:text, CAST(:q AS vector), :k)"),
+            {"text": query, "q": vector_literal(vector), "k": k},
+        ).all()
+    return [SearchHit(r.stock_code, r.description, float(r.score)) for r in rows]
+
+
+def similar(
+    stock_code: str, k: int = 10, settings: Settings | None = None, ef_search: int | None = None
+) -> list[SearchHit]:
+    """Products nearest to a product (SQL `similar_products`); an unknown code gives []."""
+    _check_k(k)
+    settings = settings or get_settings()
+    with _search_transaction(settings, ef_search) as conn:
+        rows = conn.execute(
+            text("SELECT stock_code, description, distance FROM similar_products(:code, :k)"),
+            {"code": stock_code, "k": k},
+        ).all()
+    return [SearchHit(r.stock_code, r.description, 1.0 - float(r.distance)) for r in rows]
+
+
+def product(stock_code: str, settings: Settings | None = None) -> dict | None:
+    """One product's catalog row (without its vector), or None."""
+    with get_engine(settings or get_settings()).connect() as conn:
+        row = conn.execute(
+            text(
+                """
+                SELECT stock_code, description, price, purchase_count, quantity_total, customer_count,
+                       is_non_product, embedding IS NOT NULL AS embedded, embedding_model
+                FROM products WHERE stock_code = :code
+                """
+            ),
+            {"code": stock_code},
+        ).one_or_none()
+    if row is None:
+        return None
+    data = dict(row._mapping)
+    data["price"] = float(data["price"]) if data["price"] is not None else None
+    return data
 
 
 def history(
     customer_id: int, n: int = 10, order: str = "recent", settings: Settings | None = None
 ) -> list[HistoryEntry]:
-    """A customer's distinct products: most recently bought first, or the notebook's order.
+    """A customer's distinct products: most recently bought first (SQL `customer_history`), or the notebook's order.
 
     `order="seed"` reproduces the notebook: distinct stock codes sorted as plain strings.
     """
     _check_k(n, "n")
     if order not in HISTORY_ORDERS:
         raise ValueError(f"order must be one of {', '.join(HISTORY_ORDERS)}, got {order!r}")
-    order_by = "last_at DESC, stock_code" if order == "recent" else 'stock_code COLLATE "C"'
+    if order == "recent":
+        query = "SELECT * FROM customer_history(:customer, :n)"
+    else:
+        query = """
+            SELECT h.stock_code, p.description, h.last_purchased_at, h.quantity, h.times_bought
+            FROM customer_history(:customer, 2147483647) h JOIN products p USING (stock_code)
+            ORDER BY h.stock_code COLLATE "C"
+            LIMIT :n
+        """
     with get_engine(settings or get_settings()).connect() as conn:
-        rows = conn.execute(
+        rows = conn.execute(text(query), {"customer": customer_id, "n": n}).all()
+    return [
+        HistoryEntry(
+            r.stock_code, r.description, r.last_purchased_at.isoformat(sep=" "), int(r.quantity), int(r.times_bought)
+        )
+        for r in rows
+    ]
+
+
+def history_vector(customer_id: int, n: int = 10, settings: Settings | None = None) -> np.ndarray | None:
+    """Query vector for requests without text: the normalized mean of the customer's recent purchases."""
+    _check_k(n, "n")
+    with get_engine(settings or get_settings()).connect() as conn:
+        mean = conn.execute(
             text(
-                f"""
-                SELECT h.stock_code, p.description, h.last_at, h.quantity, h.times_bought
-                FROM (
-                    SELECT stock_code, max(invoiced_at) AS last_at, sum(quantity) AS quantity,
-                           count(DISTINCT invoice_no) AS times_bought
-                    FROM purchases WHERE customer_id = :customer GROUP BY stock_code
-                ) h JOIN products p USING (stock_code)
-                ORDER BY {order_by}
-                LIMIT :n
+                """
+                SELECT CAST(l2_normalize(avg(p.embedding)) AS real[])
+                FROM customer_history(:customer, :n) h JOIN products p USING (stock_code)
+                WHERE p.embedding IS NOT NULL AND NOT p.is_non_product
                 """
             ),
             {"customer": customer_id, "n": n},
-        ).all()
-    return [
-        HistoryEntry(r.stock_code, r.description, r.last_at.isoformat(sep=" "), int(r.quantity), int(r.times_bought))
-        for r in rows
-    ]
+        ).scalar_one()
+    return np.asarray(mean, dtype=np.float32) if mean else None
+
+
+class DatabaseItemStats:
+    """Popularity and co-purchase counts for the classical rankers, read from Postgres."""
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or get_settings()
+
+    def popularity(self, stock_codes: Sequence[str]) -> dict[str, float]:
+        with get_engine(self.settings).connect() as conn:
+            rows = conn.execute(
+                text("SELECT stock_code, customer_count FROM products WHERE stock_code = ANY(:codes)"),
+                {"codes": list(stock_codes)},
+            ).all()
+        return {r.stock_code: float(r.customer_count) for r in rows}
+
+    def copurchase(self, history_codes: Sequence[str], candidate_codes: Sequence[str]) -> dict[str, float]:
+        if not history_codes or not candidate_codes:
+            return {}
+        with get_engine(self.settings).connect() as conn:
+            rows = conn.execute(
+                text(
+                    """
+                    SELECT other_stock_code, sum(invoices) AS together FROM copurchase
+                    WHERE stock_code = ANY(:history) AND other_stock_code = ANY(:candidates)
+                    GROUP BY other_stock_code
+                    """
+                ),
+                {"history": list(history_codes), "candidates": list(candidate_codes)},
+            ).all()
+        return {r.other_stock_code: float(r.together) for r in rows}
 
 
 def stats(settings: Settings | None = None) -> dict:

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from recsys.cli.common import SERVICE_FAILURE, emit, ensure_database, fail, json_option
 
-INGEST_STAGES = ("read", "clean", "parse", "copy", "insert", "aggregate")
+INGEST_STAGES = ("read", "clean", "parse", "copy", "insert", "aggregate", "refresh")
 
 
 @click.command("ingest")
@@ -23,6 +23,7 @@ def ingest(path: Path, as_json: bool) -> None:
         fail(f"no such file: {path}")
     settings = ensure_database()
     with tqdm(total=len(INGEST_STAGES), desc=f"ingest {path.name}", unit="step", disable=None) as bar:
+
         def step(stage: str) -> None:
             bar.set_postfix_str(stage)
             bar.update(1)
@@ -39,7 +40,8 @@ def _render_ingest(report: dict) -> None:
         f"read {report['rows_read']:,} rows; cleaned out {report['rows_cleaned_out']:,} "
         f"(nulls {report['rows_with_nulls']:,}, duplicates {report['duplicate_rows']:,}, "
         f"cancelled {report['cancelled_rows']:,}); rejected {report['rows_rejected']:,}; "
-        f"loaded {report['rows_loaded']:,} ({report['rows_new']:,} new) in {report['seconds']:.1f} s"
+        f"loaded {report['rows_loaded']:,} ({report['rows_new']:,} new) in {report['seconds']:.1f} s; "
+        f"co-purchase view refreshed in {report['copurchase_refresh_seconds']:.1f} s"
     )
     click.echo(
         f"catalog: {report['purchases_total']:,} purchases, {report['customers_total']:,} customers, "
@@ -67,8 +69,11 @@ def embed(as_json: bool) -> None:
         fail(str(exc), SERVICE_FAILURE)
     finally:
         bar.close()
-    emit(report.as_dict(), as_json, lambda r: click.echo(
-        f"embedded {r['embedded']:,} products with {r['model']} in {r['seconds']:.1f} s"))
+    emit(
+        report.as_dict(),
+        as_json,
+        lambda r: click.echo(f"embedded {r['embedded']:,} products with {r['model']} in {r['seconds']:.1f} s"),
+    )
 
 
 @click.command("stats")
@@ -84,17 +89,59 @@ def stats(as_json: bool) -> None:
 @click.command("search")
 @click.argument("query")
 @click.option("-k", "k", default=10, show_default=True, type=int, help="How many products.")
+@click.option("--customer", "customer_id", type=int, default=None, help="Customer the search is for.")
+@click.option("--exclude-purchased", is_flag=True, help="Leave out what --customer already bought.")
+@click.option("--hybrid", is_flag=True, help="Fuse full-text and vector search (reciprocal rank).")
 @click.option("--ef-search", type=int, default=None, help="HNSW ef_search for this query (RECSYS_EF_SEARCH).")
 @json_option
-def search(query: str, k: int, ef_search: int | None, as_json: bool) -> None:
+def search(
+    query: str,
+    k: int,
+    customer_id: int | None,
+    exclude_purchased: bool,
+    hybrid: bool,
+    ef_search: int | None,
+    as_json: bool,
+) -> None:
     """Products nearest to QUERY by cosine similarity (HNSW index)."""
-    from recsys.retrieval import search as vector_search
+    from recsys.retrieval import search as catalog_search
 
     if k <= 0:
         fail(f"-k must be a positive integer, got {k}")
     if not query.strip():
         fail("the query text is empty")
-    hits = vector_search(query, k, ensure_database(), ef_search=ef_search)
+    if exclude_purchased and customer_id is None:
+        fail("--exclude-purchased needs --customer")
+    if hybrid and exclude_purchased:
+        fail("--hybrid cannot be combined with --exclude-purchased")
+    hits = catalog_search(
+        query,
+        k,
+        ensure_database(),
+        ef_search=ef_search,
+        customer_id=customer_id,
+        exclude_purchased=exclude_purchased,
+        hybrid=hybrid,
+    )
+    emit([h.as_dict() for h in hits], as_json, _render_hits)
+
+
+@click.command("similar")
+@click.argument("stock_code")
+@click.option("-k", "k", default=10, show_default=True, type=int, help="How many products.")
+@click.option("--ef-search", type=int, default=None, help="HNSW ef_search for this query.")
+@json_option
+def similar(stock_code: str, k: int, ef_search: int | None, as_json: bool) -> None:
+    """Products nearest to STOCK_CODE (itself and non-products excluded)."""
+    from recsys.retrieval import product
+    from recsys.retrieval import similar as similar_products
+
+    if k <= 0:
+        fail(f"-k must be a positive integer, got {k}")
+    settings = ensure_database()
+    if product(stock_code, settings) is None:
+        fail(f"unknown stock code {stock_code!r}")
+    hits = similar_products(stock_code, k, settings, ef_search=ef_search)
     emit([h.as_dict() for h in hits], as_json, _render_hits)
 
 
@@ -106,8 +153,13 @@ def _render_hits(hits: list[dict]) -> None:
 @click.command("history")
 @click.argument("customer_id", type=int)
 @click.option("-n", "n", default=10, show_default=True, type=int, help="How many products.")
-@click.option("--order", type=click.Choice(["recent", "seed"]), default="recent", show_default=True,
-              help="recent: most recently bought first; seed: the notebook's (stock codes sorted).")
+@click.option(
+    "--order",
+    type=click.Choice(["recent", "seed"]),
+    default="recent",
+    show_default=True,
+    help="recent: most recently bought first; seed: the notebook's (stock codes sorted).",
+)
 @json_option
 def history(customer_id: int, n: int, order: str, as_json: bool) -> None:
     """A customer's purchased products."""
@@ -116,11 +168,19 @@ def history(customer_id: int, n: int, order: str, as_json: bool) -> None:
     if n <= 0:
         fail(f"-n must be a positive integer, got {n}")
     entries = customer_history(customer_id, n, order, ensure_database())
-    emit([e.as_dict() for e in entries], as_json, lambda rows: [
-        click.echo(f"{r['last_purchased_at']}  {r['stock_code']:10} x{r['quantity']:<5} {r['description']}")
-        for r in rows] or click.echo(f"customer {customer_id} has no purchases"))
+    emit(
+        [e.as_dict() for e in entries],
+        as_json,
+        lambda rows: (
+            [
+                click.echo(f"{r['last_purchased_at']}  {r['stock_code']:10} x{r['quantity']:<5} {r['description']}")
+                for r in rows
+            ]
+            or click.echo(f"customer {customer_id} has no purchases")
+        ),
+    )
 
 
 def register(cli: click.Group) -> None:
-    for command in (ingest, embed, stats, search, history):
+    for command in (ingest, embed, stats, search, similar, history):
         cli.add_command(command)

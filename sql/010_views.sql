@@ -1,0 +1,42 @@
+-- Popularity and co-purchase statistics, for analysts and for the classical rankers.
+
+CREATE OR REPLACE VIEW product_popularity AS
+SELECT p.stock_code,
+       p.description,
+       p.is_non_product,
+       count(pu.id) AS purchase_lines,
+       count(DISTINCT pu.invoice_no) AS invoices,
+       count(DISTINCT pu.customer_id) AS customers,
+       coalesce(sum(pu.quantity), 0) AS quantity,
+       max(pu.invoiced_at) AS last_purchased_at,
+       rank() OVER (ORDER BY count(DISTINCT pu.customer_id) DESC, count(pu.id) DESC) AS popularity_rank
+FROM products p
+LEFT JOIN purchases pu ON pu.stock_code = p.stock_code
+GROUP BY p.stock_code, p.description, p.is_non_product;
+
+COMMENT ON VIEW product_popularity IS
+    'One row per product: purchase lines, invoices, distinct customers, total quantity, last purchase, '
+    'and popularity_rank (1 = bought by the most customers).';
+
+-- Pairs of products bought in the same invoice (each invoice counted once per pair),
+-- kept where the pair occurs in at least two invoices. Refreshed after every ingest.
+CREATE MATERIALIZED VIEW IF NOT EXISTS copurchase AS
+WITH invoice_items AS (
+    SELECT DISTINCT pu.invoice_no, pu.stock_code
+    FROM purchases pu JOIN products p USING (stock_code)
+    WHERE NOT p.is_non_product
+)
+SELECT a.stock_code AS stock_code,
+       b.stock_code AS other_stock_code,
+       count(*)::integer AS invoices
+FROM invoice_items a
+JOIN invoice_items b ON a.invoice_no = b.invoice_no AND a.stock_code <> b.stock_code
+GROUP BY a.stock_code, b.stock_code
+HAVING count(*) >= 2
+WITH NO DATA;
+
+CREATE UNIQUE INDEX IF NOT EXISTS ix_copurchase_pair ON copurchase (stock_code, other_stock_code);
+
+COMMENT ON MATERIALIZED VIEW copurchase IS
+    'Item-to-item co-occurrence: for each ordered pair of products, the number of invoices that contain both '
+    '(pairs seen in fewer than two invoices are left out). Refreshed by recsys ingest.';
