@@ -1,0 +1,218 @@
+"""Batched model calls shared by the LLM rankers: padding, micro-batching, generation, scoring.
+
+Sequences are token-id lists. They are padded on the left, so that every row ends at the
+last column (where next-token logits are read and generation continues), with position ids
+taken from the attention mask so padding never shifts a row's positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from recsys.llm.loading import LoadedModel
+
+DEFAULT_TOKENS_PER_FORWARD = 12_288
+DEFAULT_ROWS_PER_FORWARD = 96
+LOGITS_ELEMENTS_PER_CHUNK = 64 * 1024 * 1024
+
+
+def encode_prompt(loaded: LoadedModel, body: str, answer_prefix: str = "", *, chat: bool) -> list[int]:
+    """Token ids of a prompt, as a chat turn (answer prefix opening the model's turn) or plain text."""
+    tokenizer = loaded.tokenizer
+    if chat and loaded.has_chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
+    separator = "\n" if answer_prefix and body and not body.endswith("\n") else ""
+    return tokenizer(body + separator + answer_prefix)["input_ids"]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device):
+    """input_ids, attention_mask and position_ids for a left-padded batch."""
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            input_ids[row, width - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask[row, width - len(sequence):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+
+
+def plan_micro_batches(
+    lengths: Sequence[int], *, max_tokens: int = DEFAULT_TOKENS_PER_FORWARD, max_rows: int = DEFAULT_ROWS_PER_FORWARD
+) -> list[list[int]]:
+    """Group row indices by similar length so each padded forward pass stays within budget."""
+    by_length = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in by_length:
+        width = max([lengths[index]] + [lengths[i] for i in current])
+        if current and (width * (len(current) + 1) > max_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.inference_mode()
+def next_token_logprobs(
+    loaded: LoadedModel,
+    sequences: Sequence[Sequence[int]],
+    token_ids: Sequence[int],
+    *,
+    max_tokens: int = DEFAULT_TOKENS_PER_FORWARD,
+) -> torch.Tensor:
+    """Log-probabilities (over the full vocabulary) of `token_ids` as each sequence's next token.
+
+    Returns a float32 CPU tensor [len(sequences), len(token_ids)]. Only the last position's
+    logits are computed, so memory stays small even with a 256k vocabulary.
+    """
+    result = torch.empty((len(sequences), len(token_ids)), dtype=torch.float32)
+    wanted = torch.tensor(list(token_ids), dtype=torch.long, device=loaded.device)
+    for rows in plan_micro_batches([len(s) for s in sequences], max_tokens=max_tokens):
+        input_ids, attention_mask, position_ids = left_pad(
+            [sequences[i] for i in rows], loaded.pad_token_id, loaded.device
+        )
+        output = loaded.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=1,
+            use_cache=False,
+        )
+        logprobs = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
+        result[rows] = logprobs.index_select(1, wanted).cpu()
+    return result
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    loaded: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    max_tokens: int = DEFAULT_TOKENS_PER_FORWARD,
+) -> list[float]:
+    """Mean token log-probability of each continuation after its prompt (one entry per pair)."""
+    sequences = [list(prompt) + list(tail) for prompt, tail in zip(prompts, continuations, strict=True)]
+    tail_lengths = [len(tail) for tail in continuations]
+    scores = [float("-inf")] * len(sequences)
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    for rows in plan_micro_batches([len(s) for s in sequences], max_tokens=max_tokens):
+        keep = max(tail_lengths[i] for i in rows) + 1
+        rows_per_chunk = max(1, LOGITS_ELEMENTS_PER_CHUNK // (keep * vocab))
+        for start in range(0, len(rows), rows_per_chunk):
+            chunk = rows[start:start + rows_per_chunk]
+            input_ids, attention_mask, position_ids = left_pad(
+                [sequences[i] for i in chunk], loaded.pad_token_id, loaded.device
+            )
+            output = loaded.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=keep,
+                use_cache=False,
+            )
+            logprobs = torch.log_softmax(output.logits[:, :-1, :].float(), dim=-1)
+            targets = input_ids[:, -(keep - 1):]
+            picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+            for row, index in enumerate(chunk):
+                length = tail_lengths[index]
+                if length:
+                    scores[index] = float(picked[row, -length:].mean())
+    return scores
+
+
+class _StopAtLines(StoppingCriteria):
+    """Stops each row once its text (leading blank space aside) holds `lines[row]` line breaks
+    or a blank line. Decodes a row only when it has just produced a token with a line break.
+    """
+
+    def __init__(self, loaded: LoadedModel, prompt_width: int, lines: Sequence[int]) -> None:
+        super().__init__()
+        self.loaded = loaded
+        self.prompt_width = prompt_width
+        self.lines = list(lines)
+        self.newline_ids = loaded.newline_token_ids
+        self.done = [False] * len(self.lines)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        last = input_ids[:, -1].tolist()
+        for row, token in enumerate(last):
+            if self.done[row] or token not in self.newline_ids:
+                continue
+            text = self.loaded.tokenizer.decode(input_ids[row, self.prompt_width:], skip_special_tokens=True)
+            text = text.lstrip()
+            if "\n\n" in text or text.count("\n") >= self.lines[row]:
+                self.done[row] = True
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+
+
+@torch.inference_mode()
+def generate_greedy(
+    loaded: LoadedModel,
+    sequences: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: Sequence[int] | int,
+    stop_after_lines: Sequence[int] | int | None = None,
+    min_new_tokens: int = 0,
+    max_tokens: int = DEFAULT_TOKENS_PER_FORWARD,
+    max_rows: int = 64,
+) -> list[Generation]:
+    """Greedy continuations of each sequence, generated in left-padded micro-batches."""
+    count = len(sequences)
+    budgets = [max_new_tokens] * count if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if stop_after_lines is None:
+        line_limits = None
+    elif isinstance(stop_after_lines, int):
+        line_limits = [stop_after_lines] * count
+    else:
+        line_limits = list(stop_after_lines)
+    results: list[Generation | None] = [None] * count
+    lengths = [len(s) + budgets[i] for i, s in enumerate(sequences)]
+    for rows in plan_micro_batches(lengths, max_tokens=max_tokens, max_rows=max_rows):
+        input_ids, attention_mask, _ = left_pad([sequences[i] for i in rows], loaded.pad_token_id, loaded.device)
+        width = input_ids.shape[1]
+        new_tokens = max(budgets[i] for i in rows)
+        config = GenerationConfig(
+            max_new_tokens=new_tokens,
+            min_new_tokens=min(min_new_tokens, new_tokens) or None,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=loaded.pad_token_id,
+            eos_token_id=loaded.stop_token_ids,
+        )
+        criteria = StoppingCriteriaList()
+        if line_limits is not None:
+            criteria.append(_StopAtLines(loaded, width, [line_limits[i] for i in rows]))
+        output = loaded.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            stopping_criteria=criteria,
+        )
+        generated = output[:, width:].cpu()
+        stop_ids = set(loaded.stop_token_ids) | {loaded.pad_token_id}
+        for row, index in enumerate(rows):
+            tokens = generated[row, : budgets[index]].tolist()
+            produced = next((n for n, token in enumerate(tokens) if token in stop_ids), len(tokens))
+            results[index] = Generation(
+                text=loaded.tokenizer.decode(tokens[:produced], skip_special_tokens=True),
+                new_tokens=produced,
+            )
+    return results
