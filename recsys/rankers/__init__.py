@@ -1,0 +1,86 @@
+"""Rankers by name: one setting (RECSYS_RANKER) switches between classical and LLM ranking.
+
+LLM modules are imported only when an LLM ranker is asked for, so the classical rankers
+work without loading torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from recsys.config import Settings, get_settings
+from recsys.rankers.base import (
+    Candidate,
+    HistoryItem,
+    ItemStats,
+    Ranker,
+    RankRequest,
+    RankResult,
+    order_by_scores,
+)
+
+CLASSICAL_RANKER_NAMES = ("retrieval", "popularity", "copurchase")
+LLM_RANKER_NAMES = ("llm-listwise", "llm-verbalizer", "llm-pointwise", "llm-likelihood")
+RANKER_NAMES = CLASSICAL_RANKER_NAMES + LLM_RANKER_NAMES
+
+_LLM_RANKER_CLASSES = {
+    "llm-listwise": ("recsys.rankers.llm_listwise", "ListwiseRanker"),
+    "llm-verbalizer": ("recsys.rankers.llm_verbalizer", "VerbalizerRanker"),
+    "llm-pointwise": ("recsys.rankers.llm_pointwise", "PointwiseRanker"),
+    "llm-likelihood": ("recsys.rankers.llm_likelihood", "LikelihoodRanker"),
+}
+
+__all__ = [
+    "CLASSICAL_RANKER_NAMES",
+    "LLM_RANKER_NAMES",
+    "RANKER_NAMES",
+    "Candidate",
+    "HistoryItem",
+    "ItemStats",
+    "RankRequest",
+    "RankResult",
+    "Ranker",
+    "UnknownRankerError",
+    "get_ranker",
+    "is_llm_ranker",
+    "order_by_scores",
+]
+
+
+class UnknownRankerError(ValueError):
+    """A ranker name that is not in RANKER_NAMES."""
+
+
+def is_llm_ranker(name: str) -> bool:
+    return name in LLM_RANKER_NAMES
+
+
+def get_ranker(
+    name: str,
+    *,
+    settings: Settings | None = None,
+    stats: ItemStats | None = None,
+    model=None,
+) -> Ranker:
+    """The ranker called `name`. LLM rankers use `model` or load (once) the configured one;
+    `popularity` and `copurchase` need `stats`."""
+    settings = settings or get_settings()
+    if name == "retrieval":
+        from recsys.rankers.classical import RetrievalRanker
+
+        return RetrievalRanker()
+    if name in ("popularity", "copurchase"):
+        if stats is None:
+            raise ValueError(f"ranker {name!r} needs item statistics (stats=...)")
+        from recsys.rankers.classical import CopurchaseRanker, PopularityRanker
+
+        return PopularityRanker(stats) if name == "popularity" else CopurchaseRanker(stats)
+    if name in _LLM_RANKER_CLASSES:
+        if model is None:
+            from recsys.llm.loading import load_model
+
+            model = load_model(settings)
+        module_name, class_name = _LLM_RANKER_CLASSES[name]
+        ranker_class = getattr(importlib.import_module(module_name), class_name)
+        return ranker_class(model, settings)
+    raise UnknownRankerError(f"unknown ranker {name!r}; choose one of: {', '.join(RANKER_NAMES)}")
