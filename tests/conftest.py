@@ -182,3 +182,15 @@ def loaded_db(db, sample_csv) -> Settings:
     ingest_file(sample_csv, db)
     embed_products(db)
     return db
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(base_settings):
+    """A two-layer random-weight Gemma 3 with the packaged model's real tokenizer (built in milliseconds).
+
+    The tokenizer is extracted from the packaged GGUF once per machine into the test model cache.
+    """
+    from recsys.llm.synthetic import packaged_tokenizer, random_model, tiny_gemma3_config
+
+    tokenizer = packaged_tokenizer(base_settings.models_dir / "tokenizer-gemma-3-270m")
+    return random_model(tiny_gemma3_config(len(tokenizer)), tokenizer, name="tiny-gemma3-random")

@@ -1,0 +1,284 @@
+"""The four-stage recommendation pipeline: retrieve, filter, rank, order.
+
+1. retrieve `RECSYS_RETRIEVE_K` candidates by query embedding (or, without query text, by
+   the mean embedding of the customer's recent purchases);
+2. filter: non-products always, what the customer already bought when asked (in SQL, with
+   iterative HNSW scans so k rows still come back);
+3. rank the top `RECSYS_MAX_CANDIDATES` with the chosen ranker;
+4. order and cut to k.
+
+Requests are ranked in batches: one `Ranker.rank` call per ranker for a whole batch, which is
+what lets a GPU worker see full batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from recsys.config import Settings, get_settings
+from recsys.embedding import encode
+from recsys.rankers import (
+    RANKER_NAMES,
+    Candidate,
+    HistoryItem,
+    Ranker,
+    RankRequest,
+    RankResult,
+    get_ranker,
+    is_llm_ranker,
+)
+from recsys.retrieval import DatabaseItemStats, history, history_vector, search_by_vector
+
+log = logging.getLogger(__name__)
+
+MAX_K = 50
+HISTORY_ITEMS = 10
+MAX_QUERY_CHARS = 500
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as given; the message says why, for the client."""
+
+
+@dataclass(frozen=True)
+class RecommendationRequest:
+    customer_id: int | None
+    query: str | None = None
+    k: int = 10
+    ranker: str | None = None
+    explain: bool = False
+    exclude_purchased: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RecommendationRequest:
+        """Build and validate from JSON-like input; wrong types become RequestError."""
+        if not isinstance(data, dict):
+            raise RequestError("the request must be a JSON object")
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise RequestError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        customer_id = data.get("customer_id")
+        if customer_id is not None and (isinstance(customer_id, bool) or not isinstance(customer_id, int)):
+            raise RequestError("customer_id must be an integer")
+        query = data.get("query")
+        if query is not None and not isinstance(query, str):
+            raise RequestError("query must be a string")
+        k = data.get("k", 10)
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise RequestError("k must be an integer")
+        ranker = data.get("ranker")
+        if ranker is not None and not isinstance(ranker, str):
+            raise RequestError("ranker must be a string")
+        for flag in ("explain", "exclude_purchased"):
+            if not isinstance(data.get(flag, False), bool):
+                raise RequestError(f"{flag} must be true or false")
+        request = cls(
+            customer_id=customer_id,
+            query=query.strip() if query and query.strip() else None,
+            k=k,
+            ranker=ranker,
+            explain=data.get("explain", False),
+            exclude_purchased=data.get("exclude_purchased", False),
+        )
+        request.validate()
+        return request
+
+    def validate(self) -> None:
+        if not 1 <= self.k <= MAX_K:
+            raise RequestError(f"k must be between 1 and {MAX_K}, got {self.k}")
+        if self.customer_id is None and not self.query:
+            raise RequestError("a request needs a query, a customer_id, or both")
+        if self.customer_id is not None and self.customer_id <= 0:
+            raise RequestError("customer_id must be a positive integer")
+        if self.query and len(self.query) > MAX_QUERY_CHARS:
+            raise RequestError(f"query is longer than {MAX_QUERY_CHARS} characters")
+        if self.ranker is not None and self.ranker not in RANKER_NAMES:
+            raise RequestError(f"unknown ranker {self.ranker!r}; choose one of {', '.join(RANKER_NAMES)}")
+        if self.exclude_purchased and self.customer_id is None:
+            raise RequestError("exclude_purchased needs a customer_id")
+
+    def with_defaults(self, settings: Settings) -> RecommendationRequest:
+        """The same request with the ranker filled in from settings, so it can be cached and replayed."""
+        if self.ranker:
+            return self
+        return RecommendationRequest(**{**asdict(self), "ranker": settings.ranker})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_rankers: dict[tuple, Ranker] = {}
+_rankers_lock = threading.Lock()
+
+
+def ranker_for(name: str, settings: Settings) -> Ranker:
+    """One ranker object per name and settings per process (LLM rankers hold the loaded model)."""
+    key = (name, settings)
+    with _rankers_lock:
+        ranker = _rankers.get(key)
+        if ranker is None:
+            ranker = get_ranker(name, settings=settings, stats=DatabaseItemStats(settings))
+            _rankers[key] = ranker
+        return ranker
+
+
+def model_identity(ranker_name: str, settings: Settings) -> tuple[str | None, str | None]:
+    """(model, prompt version) that shape a ranker's answer; None for classical rankers."""
+    if not is_llm_ranker(ranker_name):
+        return None, None
+    from recsys.llm.prompts import PROMPT_VERSION
+
+    return settings.llm_model, PROMPT_VERSION
+
+
+@dataclass
+class _Prepared:
+    request: RecommendationRequest
+    history: list[HistoryItem]
+    candidates: list[Candidate]
+    notes: list[str]
+    timings: dict[str, float]
+    cold_start: bool
+
+
+def recommend(request: RecommendationRequest, settings: Settings | None = None, ranker: Ranker | None = None) -> dict:
+    """One recommendation; see `recommend_batch`."""
+    return recommend_batch([request], settings, ranker=ranker)[0]
+
+
+def recommend_batch(
+    requests: Sequence[RecommendationRequest], settings: Settings | None = None, ranker: Ranker | None = None
+) -> list[dict]:
+    """Recommendations for many requests, ranked one batch per ranker. Results keep the input order.
+
+    `ranker` overrides the registry (the evaluation and tests pass their own).
+    """
+    settings = settings or get_settings()
+    requests = [r.with_defaults(settings) for r in requests]
+    for request in requests:
+        request.validate()
+    prepared = _prepare(requests, settings)
+    results: list[dict | None] = [None] * len(requests)
+    groups: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(request.ranker, []).append(index)
+    for name, indexes in groups.items():
+        active = ranker or ranker_for(name, settings)
+        batch = [
+            RankRequest(
+                candidates=prepared[i].candidates[: settings.max_candidates],
+                history=prepared[i].history,
+                query=prepared[i].request.query,
+                customer_id=prepared[i].request.customer_id,
+                explain=prepared[i].request.explain,
+            )
+            for i in indexes
+        ]
+        started = time.perf_counter()
+        ranked = active.rank(batch) if batch else []
+        rank_ms = (time.perf_counter() - started) * 1000
+        model, prompt_version = model_identity(name, settings)
+        for i, rank_request, outcome in zip(indexes, batch, ranked, strict=True):
+            prepared[i].timings["rank_ms"] = rank_ms / len(indexes)
+            results[i] = _result(
+                prepared[i], rank_request, outcome, name, model, prompt_version, len(indexes), settings
+            )
+    return results
+
+
+def _prepare(requests: Sequence[RecommendationRequest], settings: Settings) -> list[_Prepared]:
+    """Stages 1–2 for each request: history, query vector, filtered candidates."""
+    started = time.perf_counter()
+    queries = [r.query for r in requests if r.query]
+    query_vectors = iter(encode(queries, settings)) if queries else iter(())
+    embed_ms = (time.perf_counter() - started) * 1000 / max(len(queries), 1)
+    prepared = []
+    for request in requests:
+        timings: dict[str, float] = {}
+        notes: list[str] = []
+        t0 = time.perf_counter()
+        bought = history(request.customer_id, HISTORY_ITEMS, "recent", settings) if request.customer_id else []
+        history_items = [HistoryItem(h.stock_code, h.description) for h in bought]
+        timings["history_ms"] = (time.perf_counter() - t0) * 1000
+        cold_start = request.customer_id is not None and not history_items
+        if cold_start:
+            notes.append(f"customer {request.customer_id} has no purchases: ranked without history")
+        if request.query:
+            vector = next(query_vectors)
+            timings["embed_ms"] = embed_ms
+        else:
+            t0 = time.perf_counter()
+            vector = history_vector(request.customer_id, HISTORY_ITEMS, settings) if bought else None
+            timings["embed_ms"] = (time.perf_counter() - t0) * 1000
+            notes.append("no query text: searched with the mean embedding of the recent purchases")
+            if vector is None:
+                raise RequestError(f"customer {request.customer_id} has no purchases and the request has no query text")
+        t0 = time.perf_counter()
+        hits = search_by_vector(
+            vector,
+            settings.retrieve_k,
+            settings,
+            exclude_customer=request.customer_id if request.exclude_purchased else None,
+        )
+        timings["retrieve_ms"] = (time.perf_counter() - t0) * 1000
+        candidates = [Candidate(h.stock_code, h.description, h.score) for h in hits]
+        prepared.append(_Prepared(request, history_items, candidates, notes, timings, cold_start))
+    return prepared
+
+
+def _result(
+    prepared: _Prepared,
+    rank_request: RankRequest,
+    outcome: RankResult,
+    ranker_name: str,
+    model: str | None,
+    prompt_version: str | None,
+    batch_size: int,
+    settings: Settings,
+) -> dict:
+    """Stage 4: order, cut to k, and record everything that explains the answer."""
+    request = prepared.request
+    by_code = {c.stock_code: c for c in rank_request.candidates}
+    order = [code for code in dict.fromkeys(outcome.order) if code in by_code]
+    order += [c.stock_code for c in rank_request.candidates if c.stock_code not in set(order)]
+    explanations = outcome.explanations or {}
+    items = [
+        {
+            "rank": position,
+            "stock_code": code,
+            "description": by_code[code].description,
+            "score": outcome.scores.get(code),
+            "retrieval_score": by_code[code].retrieval_score,
+            "explanation": explanations.get(code),
+        }
+        for position, code in enumerate(order[: request.k], 1)
+    ]
+    timings = dict(prepared.timings)
+    timings["total_ms"] = sum(timings.values())
+    return {
+        "request": request.as_dict(),
+        "customer_id": request.customer_id,
+        "query": request.query,
+        "k": request.k,
+        "ranker": ranker_name,
+        "model": model,
+        "prompt_version": prompt_version,
+        "embedding_model": settings.embedding_model,
+        "cold_start": prepared.cold_start,
+        "notes": prepared.notes,
+        "history": [{"stock_code": h.stock_code, "description": h.description} for h in prepared.history],
+        "candidates": [
+            {"stock_code": c.stock_code, "description": c.description, "retrieval_score": c.retrieval_score}
+            for c in rank_request.candidates
+        ],
+        "items": items,
+        "raw_output": outcome.raw_output,
+        "flags": {"repaired": outcome.repaired, "fallback": outcome.fallback},
+        "info": outcome.info,
+        "batch_size": batch_size,
+        "timings_ms": {key: round(value, 2) for key, value in timings.items()},
+    }
