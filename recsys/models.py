@@ -119,6 +119,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    run_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         CheckConstraint(
@@ -126,6 +128,9 @@ class Job(Base):
         ),
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_cache_key", "cache_key"),
+        Index("ix_jobs_queued_created", "created_at", postgresql_where=text("status = 'queued'")),
+        Index("ix_jobs_running_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
+        Index("ix_jobs_finished_at", "finished_at"),
     )
 
 
