@@ -36,12 +36,12 @@ def tiny_gemma3_config(vocab_size: int):
 
     return Gemma3TextConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=32,
+        intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=32,
+        head_dim=16,
         max_position_embeddings=4096,
         sliding_window=512,
         bos_token_id=2,
