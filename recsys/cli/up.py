@@ -68,15 +68,13 @@ def up(data_path: str, no_serve: bool) -> None:
         stopping = True
 
     signal.signal(signal.SIGTERM, _stop)
-    try:
-        while not stopping:
-            for name, proc in children:
-                if proc.poll() is not None:
-                    click.echo(f"{name} exited with {proc.returncode}", err=True)
-                    stopping = True
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+    signal.signal(signal.SIGINT, _stop)
+    while not stopping:
+        for name, proc in children:
+            if proc.poll() is not None:
+                click.echo(f"{name} exited with {proc.returncode}", err=True)
+                stopping = True
+        time.sleep(0.5)
     for _name, proc in children:
         proc.terminate()
     for _name, proc in children:
