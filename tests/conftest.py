@@ -194,3 +194,113 @@ def tiny_llm(base_settings):
 
     tokenizer = packaged_tokenizer(base_settings.models_dir / "tokenizer-gemma-3-270m")
     return random_model(tiny_gemma3_config(len(tokenizer)), tokenizer, name="tiny-gemma3-random")
+
+
+# ---------------------------------------------------------------- jobs and the worker (issue 5)
+
+WORKER_TEST_ENV = {
+    "RECSYS_RANKER": "retrieval",
+    "RECSYS_JOB_STALE_SECONDS": "3",
+    "RECSYS_BATCH_WAIT_MS": "20",
+    "RECSYS_LOG_LEVEL": "INFO",
+}
+
+
+class WorkerProcess:
+    """A real `celery -A worker.app worker` subprocess pointed at a test database and broker."""
+
+    def __init__(self, settings: Settings, env: dict[str, str], log_path: Path, beat: bool, pool: str) -> None:
+        import subprocess
+
+        from recsys.cli.jobs import worker_argv
+
+        self.settings = settings
+        self.log_path = log_path
+        argv = worker_argv(settings, pool=pool, beat=beat, name=f"test-{os.getpid()}-{next(_database_ids)}@%h")
+        self._log = open(log_path, "ab")  # noqa: SIM115  (closed in stop)
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 120.0) -> dict:
+        """Until a heartbeat of this worker says its models are loaded."""
+        import time
+
+        from recsys import jobs
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            for beat in jobs.worker_status(self.settings)["workers"]:
+                if beat.get("ready") and beat["pid"] in self.pids():
+                    return beat
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()}")
+
+    def pids(self) -> set[int]:
+        """The worker's main process and its pool children."""
+        pids = {self.proc.pid}
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return pids | {int(pid) for pid in children}
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    """Environment for a worker process: the test database and broker as external URLs, fast test timings."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RECSYS_", "DATABASE_URL",
+                                                                                   "CELERY_"))}
+    env.update(services.service_env(settings))
+    env.update(WORKER_TEST_ENV)
+    env["RECSYS_HOME"] = str(settings.home)
+    env["RECSYS_MODEL_CACHE"] = str(settings.models_dir)
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def flushed_broker(broker):
+    """The session broker with no messages or heartbeats left over from other tests."""
+    import redis
+
+    redis.Redis.from_url(broker.celery_broker_url).flushall()
+    yield broker
+
+
+@pytest.fixture
+def start_worker(tmp_path, flushed_broker):
+    """Start real worker processes: `start_worker(settings, beat=False, **env)`; all are stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings, *, beat: bool = False, pool: str = "prefork", ready: bool = True,
+              **env: str) -> WorkerProcess:
+        worker = WorkerProcess(settings, worker_env(settings, **env), tmp_path / f"worker-{len(started)}.log",
+                               beat, pool)
+        started.append(worker)
+        if ready:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
