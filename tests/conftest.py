@@ -304,3 +304,6 @@ def start_worker(tmp_path, flushed_broker):
     yield start
     for worker in started:
         worker.stop()
+
+
+from web_fixtures import admin_client, api_key, app, auth_headers, client, runner  # noqa: E402,F401

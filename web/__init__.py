@@ -1,1 +1,88 @@
-"""Flask app: JSON API (/api/v1) and admin pages (/admin)."""
+"""Flask app: JSON API (/api/v1) and admin pages (/admin). Served by gunicorn via `recsys serve`."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from uuid import UUID
+
+from flask import Flask, redirect, url_for
+from flask.json.provider import DefaultJSONProvider
+
+from recsys.config import Settings, get_settings
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+class JSONProvider(DefaultJSONProvider):
+    """ISO 8601 dates (Flask's default is the HTTP date format), Decimal as number, keys in insertion order."""
+
+    sort_keys = False
+
+    @staticmethod
+    def default(o):
+        if isinstance(o, datetime | date):
+            return o.isoformat()
+        if isinstance(o, Decimal):
+            return float(o)
+        if isinstance(o, UUID):
+            return str(o)
+        return DefaultJSONProvider.default(o)
+
+
+def create_app(settings: Settings | None = None, config: dict | None = None) -> Flask:
+    """Build the app for these settings (default: the environment's); `config` overrides Flask config keys."""
+    from web import admin, api
+    from web.csrf import init_csrf
+    from web.errors import register_error_handlers
+    from web.metrics import init_metrics
+
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.json = JSONProvider(app)
+    app.config.update(
+        # Without RECSYS_SECRET_KEY sessions last as long as the process; `recsys serve` sets one per start.
+        SECRET_KEY=settings.secret_key or secrets.token_hex(32),
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+        MAX_FORM_MEMORY_SIZE=MAX_BODY_BYTES,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_NAME="recsys_session",
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
+        RECSYS_SETTINGS=settings,
+    )
+    app.config.update(config or {})
+    app.logger.setLevel(getattr(logging, settings.log_level.upper(), logging.INFO))
+
+    register_error_handlers(app)
+    init_metrics(app)
+    init_csrf(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(admin.bp)
+
+    @app.after_request
+    def security_headers(response):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    @app.get("/")
+    def index():
+        return redirect(url_for("admin.dashboard"))
+
+    app.jinja_env.filters["num"] = _number
+    return app
+
+
+def _number(value, digits: int = 2) -> str:
+    """Thousands separators for counts, fixed decimals for measures, a dash for nothing."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float | Decimal):
+        return f"{value:,.{digits}f}"
+    return str(value)

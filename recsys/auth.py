@@ -1,0 +1,185 @@
+"""API keys and admin users: creation, revocation and checks, with no web framework in sight.
+
+API keys are 32 random bytes; only their SHA-256 is stored (a high-entropy token needs no slow
+hash), with a short prefix so an operator can tell keys apart. Admin passwords are hashed with
+werkzeug's salted scrypt/pbkdf2, since people choose weak ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from recsys.config import Settings, get_settings
+from recsys.db import get_engine, session_scope
+from recsys.models import AdminUser, ApiKey
+
+KEY_PREFIX = "rsk_"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+MIN_PASSWORD_LENGTH = 8
+# Writing last_used_at on every request would turn each read into a write; once a minute is enough.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+class AuthError(ValueError):
+    """Bad input to a key or user operation; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    id: int
+    name: str
+    key_prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "key_prefix": self.key_prefix,
+            "created_at": self.created_at.isoformat(),
+            "last_used_at": self.last_used_at.isoformat() if self.last_used_at else None,
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "active": self.active,
+        }
+
+
+def _check_name(name: str, what: str) -> str:
+    name = (name or "").strip()
+    if not NAME_PATTERN.match(name):
+        raise AuthError(f"{what} name must be 1-64 letters, digits or _.@- (starting with a letter or digit)")
+    return name
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _info(row: ApiKey) -> ApiKeyInfo:
+    return ApiKeyInfo(row.id, row.name, row.key_prefix, row.created_at, row.last_used_at, row.revoked_at)
+
+
+def create_api_key(name: str, settings: Settings | None = None) -> str:
+    """Create a key called `name` and return it; this is the only time the key is seen."""
+    name = _check_name(name, "key")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    try:
+        with session_scope(settings or get_settings()) as session:
+            session.add(ApiKey(name=name, key_prefix=key[: len(KEY_PREFIX) + 6], key_hash=hash_key(key)))
+    except IntegrityError as exc:
+        raise AuthError(f"an API key named {name!r} already exists") from exc
+    return key
+
+
+def revoke_api_key(name: str, settings: Settings | None = None) -> bool:
+    """Revoke the key called `name`; False when there is no active key by that name."""
+    with session_scope(settings or get_settings()) as session:
+        result = session.execute(
+            update(ApiKey)
+            .where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+            .values(revoked_at=datetime.now(UTC))
+        )
+        return result.rowcount > 0
+
+
+def list_api_keys(settings: Settings | None = None) -> list[ApiKeyInfo]:
+    with session_scope(settings or get_settings()) as session:
+        return [_info(row) for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id))]
+
+
+def verify_api_key(key: str | None, settings: Settings | None = None) -> ApiKeyInfo | None:
+    """The active key matching `key`, or None (unknown, revoked, or empty)."""
+    if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
+        return None
+    digest = hash_key(key)
+    engine = get_engine(settings or get_settings())
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(ApiKey.id, ApiKey.name, ApiKey.key_prefix, ApiKey.created_at, ApiKey.last_used_at,
+                   ApiKey.revoked_at).where(ApiKey.key_hash == digest)
+        ).one_or_none()
+    if row is None or row.revoked_at is not None:
+        return None
+    now = datetime.now(UTC)
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
+        with engine.begin() as conn:
+            conn.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
+    return ApiKeyInfo(row.id, row.name, row.key_prefix, row.created_at, now, None)
+
+
+def create_admin_user(name: str, password: str, settings: Settings | None = None) -> None:
+    """Add an admin; an existing name gets the new password (so a forgotten one can be reset)."""
+    name = _check_name(name, "user")
+    if len(password or "") < MIN_PASSWORD_LENGTH:
+        raise AuthError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+    password_hash = generate_password_hash(password)
+    with session_scope(settings or get_settings()) as session:
+        user = session.scalars(select(AdminUser).where(AdminUser.name == name)).one_or_none()
+        if user is None:
+            session.add(AdminUser(name=name, password_hash=password_hash))
+        else:
+            user.password_hash = password_hash
+            user.disabled_at = None
+
+
+def admin_user_exists(name: str, settings: Settings | None = None) -> bool:
+    with get_engine(settings or get_settings()).connect() as conn:
+        return conn.execute(select(AdminUser.id).where(AdminUser.name == name)).first() is not None
+
+
+def disable_admin_user(name: str, settings: Settings | None = None) -> bool:
+    with session_scope(settings or get_settings()) as session:
+        result = session.execute(
+            update(AdminUser)
+            .where(AdminUser.name == name, AdminUser.disabled_at.is_(None))
+            .values(disabled_at=datetime.now(UTC))
+        )
+        return result.rowcount > 0
+
+
+def list_admin_users(settings: Settings | None = None) -> list[dict]:
+    with session_scope(settings or get_settings()) as session:
+        users = session.scalars(select(AdminUser).order_by(AdminUser.name)).all()
+        return [
+            {
+                "name": u.name,
+                "created_at": u.created_at.isoformat(),
+                "last_login_at": u.last_login_at.isoformat() if u.last_login_at else None,
+                "disabled": u.disabled_at is not None,
+            }
+            for u in users
+        ]
+
+
+def authenticate_admin(name: str, password: str, settings: Settings | None = None) -> bool:
+    """True when `name` is an enabled admin with this password; records the login."""
+    if not name or not password or len(name) > 64 or len(password) > 1024:
+        return False
+    with session_scope(settings or get_settings()) as session:
+        user = session.scalars(select(AdminUser).where(AdminUser.name == name)).one_or_none()
+        if user is None or user.disabled_at is not None:
+            # Same work either way, so response time does not reveal which names exist.
+            check_password_hash(_dummy_hash(), password)
+            return False
+        if not check_password_hash(user.password_hash, password):
+            return False
+        user.last_login_at = datetime.now(UTC)
+        return True
+
+
+@cache
+def _dummy_hash() -> str:
+    return generate_password_hash(secrets.token_hex(8))

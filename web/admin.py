@@ -1,0 +1,324 @@
+"""Admin pages (server-rendered): dashboard, products, customers with a recommend form, jobs, evaluation.
+
+Everything here needs a logged-in admin; forms carry a CSRF token (web/csrf.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    session,
+    url_for,
+)
+
+from recsys import auth, retrieval
+from recsys.models import JOB_STATUSES
+from recsys.pipeline import MAX_K, RequestError
+from recsys.rankers import RANKER_NAMES
+from web import data, services
+from web.csrf import rotate_csrf_token
+from web.errors import ApiError
+from web.params import MAX_BIGINT, int_arg, str_arg
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+PER_PAGE = 25
+MAX_PAGE = 100_000
+SEARCH_PAGES = 5
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+def settings():
+    return current_app.config["RECSYS_SETTINGS"]
+
+
+class Page:
+    """One page of a long list, and what the pager needs to link to the others."""
+
+    def __init__(self, items: list, page: int, per_page: int, total: int):
+        self.items, self.page, self.per_page, self.total = items, page, per_page, total
+        self.pages = max(1, math.ceil(total / per_page))
+        self.has_prev, self.has_next = page > 1, page < self.pages
+        self.first = (page - 1) * per_page + 1 if total else 0
+        self.last = min(page * per_page, total)
+
+
+def page_arg() -> int:
+    return int_arg("page", 1, 1, MAX_PAGE)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only same-site admin paths, so the login form cannot be used to redirect elsewhere."""
+    if target:
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc and parts.path.startswith("/admin") and "\\" not in target:
+            return target
+    return url_for("admin.dashboard")
+
+
+@bp.before_request
+def require_login():
+    if request.endpoint == "admin.login" or session.get("admin_user"):
+        return None
+    if request.path.endswith(".json"):
+        raise ApiError(401, "unauthorized", "log in to the admin pages first")
+    return redirect(url_for("admin.login", next=request.full_path.rstrip("?")))
+
+
+@bp.after_request
+def no_framing(response):
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    error = None
+    if request.method == "POST":
+        name = request.form.get("username", "").strip()
+        password = request.form.get("password", "")
+        if auth.authenticate_admin(name, password, settings()):
+            target = _safe_next(request.form.get("next"))
+            session.clear()
+            session.permanent = True
+            session["admin_user"] = name
+            rotate_csrf_token()
+            return redirect(target)
+        log.info("failed admin login for %r from %s", name[:64], request.remote_addr)
+        error = "Wrong user name or password."
+    return render_template("login.html", error=error, next=request.values.get("next", "")), 401 if error else 200
+
+
+@bp.post("/logout")
+def logout():
+    session.clear()
+    return redirect(url_for("admin.login"))
+
+
+@bp.get("/")
+def dashboard():
+    catalog = retrieval.stats(settings())
+    catalog["coverage"] = catalog["embedded_products"] / catalog["products"] if catalog["products"] else 0.0
+    jobs = services.jobs_module()
+    figures = {"available": jobs is not None}
+    if jobs is not None:
+        figures["counts"] = jobs.job_counts(settings=settings())
+        figures["throughput"] = jobs.job_throughput(settings=settings(), window_seconds=3600)
+        figures["cache"] = cache = dict(jobs.cache_stats(settings=settings()))
+        if "hit_rate" not in cache:
+            # Every miss becomes a job, so hits / (hits + jobs) is the share answered from the cache.
+            lookups = cache.get("hits", 0) + sum(figures["counts"].values())
+            cache["hit_rate"] = cache.get("hits", 0) / lookups if lookups else None
+        figures["workers"] = services.check_workers(settings())
+    return render_template("dashboard.html", catalog=catalog, jobs=figures, statuses=JOB_STATUSES)
+
+
+@bp.get("/products")
+def products():
+    query = str_arg("q")
+    mode = "hybrid" if request.args.get("mode") == "hybrid" else "vector"
+    page = page_arg()
+    if query:
+        page = min(page, SEARCH_PAGES)
+        try:
+            hits = retrieval.search(query, page * PER_PAGE, settings(), hybrid=mode == "hybrid")
+        except ValueError as exc:
+            raise ApiError(400, "invalid_request", str(exc)) from None
+        items = [h.as_dict() for h in hits[(page - 1) * PER_PAGE:]]
+        total = len(hits) if len(hits) < page * PER_PAGE else min(SEARCH_PAGES, page + 1) * PER_PAGE
+        listing = Page(items, page, PER_PAGE, total)
+    else:
+        items, total = data.list_products(PER_PAGE, (page - 1) * PER_PAGE, settings())
+        listing = Page(items, page, PER_PAGE, total)
+    return render_template("products.html", query=query or "", mode=mode, listing=listing)
+
+
+@bp.get("/products/<stock_code>")
+def product(stock_code: str):
+    item = retrieval.product(stock_code, settings()) if "\x00" not in stock_code else None
+    if item is None:
+        abort(404, f"No product with stock code {stock_code[:64]!r}.")
+    similar = retrieval.similar(stock_code, 12, settings()) if item["embedded"] else []
+    return render_template("product.html", product=item, similar=similar)
+
+
+@bp.get("/customers")
+def customers():
+    wanted = str_arg("id", max_length=20)
+    if wanted:
+        if not wanted.isdigit() or not 0 < int(wanted) <= MAX_BIGINT:
+            flash("A customer id is a positive whole number.", "error")
+        else:
+            return redirect(url_for("admin.customer", customer_id=int(wanted)))
+    page = page_arg()
+    items, total = data.list_customers(PER_PAGE, (page - 1) * PER_PAGE, settings())
+    return render_template("customers.html", listing=Page(items, page, PER_PAGE, total))
+
+
+def _job_or_none(job_id: str | None) -> dict | None:
+    if not job_id:
+        return None
+    try:
+        parsed = uuid.UUID(job_id)
+    except ValueError:
+        return None
+    jobs = services.jobs_module()
+    return jobs.get_job(parsed, settings=settings()) if jobs else None
+
+
+def _customer_page(customer_id: int, job: dict | None = None, result: dict | None = None, form: dict | None = None):
+    if customer_id > MAX_BIGINT:
+        abort(404, "No such customer.")
+    page = page_arg()
+    info = data.customer(customer_id, settings())
+    history, total = data.history_page(customer_id, PER_PAGE, (page - 1) * PER_PAGE, settings())
+    if result is None and job is not None and job.get("status") == "succeeded":
+        result = job.get("result")
+    return render_template(
+        "customer.html", customer_id=customer_id, customer=info, history=Page(history, page, PER_PAGE, total),
+        job=job, result=result, rankers=RANKER_NAMES, default_ranker=settings().ranker, max_k=MAX_K,
+        form=form or {"query": "", "k": 5, "ranker": settings().ranker, "explain": True},
+        finished=FINISHED,
+    )
+
+
+@bp.get("/customers/<int:customer_id>")
+def customer(customer_id: int):
+    return _customer_page(customer_id, job=_job_or_none(request.args.get("job")))
+
+
+@bp.post("/customers/<int:customer_id>/recommend")
+def recommend(customer_id: int):
+    if customer_id > MAX_BIGINT:
+        abort(404, "No such customer.")
+    form = {
+        "query": request.form.get("query", "").strip(),
+        "k": request.form.get("k", "5"),
+        "ranker": request.form.get("ranker") or None,
+        "explain": request.form.get("explain") == "on",
+        "exclude_purchased": request.form.get("exclude_purchased") == "on",
+    }
+    jobs = services.jobs_module()
+    if jobs is None:
+        raise ApiError(503, "service_unavailable", "Background jobs are not available in this deployment.")
+    try:
+        k = int(form["k"])
+    except ValueError:
+        flash("k must be a whole number.", "error")
+        return _customer_page(customer_id, form=form), 400
+    payload = {"customer_id": customer_id, "query": form["query"] or None, "k": k, "ranker": form["ranker"],
+               "explain": form["explain"], "exclude_purchased": form["exclude_purchased"]}
+    try:
+        outcome = jobs.submit_recommendation(payload, settings=settings())
+    except RequestError as exc:
+        flash(str(exc), "error")
+        return _customer_page(customer_id, form=form), 400
+    if outcome.job_id is not None:
+        if outcome.cached:
+            flash("Answered from the result cache.", "info")
+        return redirect(url_for("admin.customer", customer_id=customer_id, job=str(outcome.job_id)))
+    flash("Answered from the result cache.", "info")
+    return _customer_page(customer_id, result=outcome.result, form=form)
+
+
+@bp.get("/jobs")
+def jobs_list():
+    status = request.args.get("status") or None
+    if status is not None and status not in JOB_STATUSES:
+        raise ApiError(400, "invalid_request", f"status must be one of {', '.join(JOB_STATUSES)}")
+    page = page_arg()
+    jobs = services.jobs_module()
+    if jobs is None:
+        raise ApiError(503, "service_unavailable", "Background jobs are not available in this deployment.")
+    items = jobs.list_jobs(status=status, limit=PER_PAGE, offset=(page - 1) * PER_PAGE, settings=settings())
+    total = jobs.count_jobs(status, settings=settings())
+    return render_template("jobs.html", listing=Page(items, page, PER_PAGE, total), status=status,
+                           statuses=JOB_STATUSES)
+
+
+def _job_or_404(job_id: str) -> dict:
+    job = _job_or_none(job_id)
+    if job is None:
+        abort(404, f"No job {job_id[:40]!r}.")
+    return job
+
+
+@bp.get("/jobs/<job_id>")
+def job(job_id: str):
+    return render_template("job.html", job=_job_or_404(job_id), finished=FINISHED)
+
+
+@bp.get("/jobs/<job_id>.json")
+def job_json(job_id: str):
+    job = _job_or_none(job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id[:40]!r}")
+    return jsonify({key: (str(value) if key == "id" else value) for key, value in job.items()})
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel(job_id: str):
+    job = _job_or_404(job_id)
+    if services.jobs_module().cancel_job(uuid.UUID(str(job["id"])), settings=settings()):
+        flash("Job cancelled.", "info")
+    else:
+        flash("The job had already finished; nothing to cancel.", "error")
+    return redirect(url_for("admin.job", job_id=job_id))
+
+
+def _markdown_table(markdown: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a pipe table (the evaluation report's metrics table)."""
+    lines = [line.strip() for line in (markdown or "").splitlines() if line.strip().startswith("|")]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    cells = [row for row in cells if not all(set(cell) <= set(":- ") for cell in row)]
+    return (cells[0], cells[1:]) if cells else ([], [])
+
+
+def _report() -> tuple[dict | None, str | None]:
+    try:
+        return services.latest_evaluation(settings()), None
+    except Exception as exc:
+        log.exception("could not load the evaluation report")
+        return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+@bp.get("/evaluation")
+def evaluation():
+    report, error = _report()
+    header, rows = [], []
+    if report:
+        if report.get("rows"):
+            header = list(report["rows"][0].keys())
+            rows = [[row.get(column) for column in header] for row in report["rows"]]
+        elif report.get("metrics_table_markdown"):
+            header, rows = _markdown_table(report["metrics_table_markdown"])
+    plot = report.get("plot_path") if report else None
+    has_plot = bool(plot) and Path(plot).suffix.lower() == ".png" and Path(plot).is_file()
+    return render_template("evaluation.html", report=report, error=error, header=header, rows=rows,
+                           has_plot=has_plot)
+
+
+@bp.get("/evaluation/plot.png")
+def evaluation_plot():
+    report, _error = _report()
+    plot = Path(report["plot_path"]) if report and report.get("plot_path") else None
+    if plot is None or plot.suffix.lower() != ".png" or not plot.is_file():
+        abort(404, "No evaluation plot yet.")
+    return send_file(plot, mimetype="image/png", max_age=0)

@@ -1,0 +1,278 @@
+"""JSON API under /api/v1. Each view parses, calls the core, and formats; its OpenAPI operation sits on top."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, g, jsonify, request, url_for
+
+from recsys import auth, retrieval
+from recsys.models import FEEDBACK_EVENTS
+from recsys.pipeline import MAX_QUERY_CHARS
+from web import data, services
+from web.errors import ApiError
+from web.metrics import RECOMMENDATIONS
+from web.openapi import (
+    CUSTOMER_ID,
+    SCHEMAS,
+    STOCK_CODE,
+    build_document,
+    error_responses,
+    json_content,
+    operation,
+    path_param,
+    public,
+    query_param,
+    ref,
+)
+from web.params import bad, bool_arg, customer_id_value, int_arg, json_body, str_arg, uuid_value
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+MAX_SEARCH_K = 100
+MAX_HISTORY_N = 500
+MAX_IDEMPOTENCY_KEY = 200
+FEEDBACK_FIELDS = set(SCHEMAS["FeedbackEvent"]["properties"])
+
+
+def settings():
+    return current_app.config["RECSYS_SETTINGS"]
+
+
+def jobs():
+    module = services.jobs_module()
+    if module is None:
+        raise ApiError(503, "service_unavailable", "background jobs are not available in this deployment")
+    return module
+
+
+@bp.before_request
+def require_api_key():
+    """Every API view needs a valid key unless it is marked public."""
+    view = current_app.view_functions.get(request.endpoint)
+    if view is None or getattr(view, "public", False):
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    challenge = {"WWW-Authenticate": 'Bearer realm="recsys"'}
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthorized", "missing API key: send Authorization: Bearer <key>", challenge)
+    key = auth.verify_api_key(token.strip(), settings())
+    if key is None:
+        raise ApiError(401, "unauthorized", "unknown or revoked API key", challenge)
+    g.api_key = key
+
+
+def _job_json(job: dict) -> dict:
+    return {key: (str(value) if key == "id" else value) for key, value in job.items()}
+
+
+@bp.post("/recommendations")
+@operation(
+    summary="Ask for recommendations",
+    description=(
+        "Answers 200 with the result when the same request was answered before (result cache or an "
+        "Idempotency-Key seen before whose job has finished); otherwise enqueues a job and answers 202 with "
+        "its id and a status URL (also in the Location header)."
+    ),
+    parameters=[
+        {"name": "Idempotency-Key", "in": "header", "required": False,
+         "description": "Repeat a submission safely: the same key returns the same job.",
+         "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY}}
+    ],
+    requestBody={"required": True, "content": json_content(ref("RecommendationRequest"))},
+    responses={
+        "200": {"description": "Answered from the cache", "content": json_content(ref("Submission"))},
+        "202": {"description": "Enqueued", "content": json_content(ref("Submission")),
+                "headers": {"Location": {"schema": {"type": "string"}}}},
+        **error_responses(400, 413, 415, 503),
+    },
+)
+def create_recommendation():
+    payload = json_body()
+    if payload.get("customer_id") is not None:
+        customer_id_value(payload["customer_id"])
+    idempotency_key = request.headers.get("Idempotency-Key")
+    if idempotency_key is not None and (not 0 < len(idempotency_key.strip()) <= MAX_IDEMPOTENCY_KEY
+                                        or "\x00" in idempotency_key):
+        raise bad(f"Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    outcome = jobs().submit_recommendation(
+        payload, idempotency_key=idempotency_key.strip() if idempotency_key else None, settings=settings()
+    )
+    job_id = str(outcome.job_id) if outcome.job_id else None
+    body = {"job_id": job_id, "status": outcome.status, "cached": outcome.cached, "created": outcome.created,
+            "status_url": url_for("api.get_job", job_id=job_id) if job_id else None}
+    if outcome.result is not None:
+        RECOMMENDATIONS.labels("cached" if outcome.cached else "finished").inc()
+        return jsonify({**body, "result": outcome.result}), 200
+    RECOMMENDATIONS.labels("enqueued").inc()
+    return jsonify(body), 202, {"Location": body["status_url"]}
+
+
+@bp.get("/jobs/<job_id>")
+@operation(
+    summary="A job's status, and its result and timings once finished",
+    parameters=[path_param("job_id", {"type": "string", "format": "uuid"}, "the id from POST /recommendations")],
+    responses={"200": {"description": "The job", "content": json_content(ref("Job"))}, **error_responses(404)},
+)
+def get_job(job_id: str):
+    try:
+        parsed = uuid_value(job_id, "job id")
+    except ApiError:
+        raise ApiError(404, "not_found", f"no job {job_id[:40]!r}: job ids are UUIDs") from None
+    job = jobs().get_job(parsed, settings=settings())
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id}")
+    return jsonify(_job_json(job))
+
+
+@bp.get("/products/<stock_code>")
+@operation(
+    summary="One product",
+    parameters=[path_param("stock_code", STOCK_CODE, "the product's stock code, e.g. 85123A")],
+    responses={"200": {"description": "The product", "content": json_content(ref("Product"))},
+               **error_responses(404)},
+)
+def get_product(stock_code: str):
+    item = retrieval.product(stock_code, settings()) if "\x00" not in stock_code else None
+    if item is None:
+        raise ApiError(404, "product_not_found", f"no product with stock code {stock_code[:64]!r}")
+    return jsonify(item)
+
+
+@bp.get("/products/<stock_code>/similar")
+@operation(
+    summary="Products most like this one (cosine similarity of embeddings)",
+    parameters=[
+        path_param("stock_code", STOCK_CODE, "the product's stock code"),
+        query_param("k", {"type": "integer", "minimum": 1, "maximum": MAX_SEARCH_K, "default": 10}, "how many"),
+    ],
+    responses={"200": {"description": "Nearest products", "content": json_content(ref("Hits"))},
+               **error_responses(400, 404)},
+)
+def similar_products(stock_code: str):
+    k = int_arg("k", 10, 1, MAX_SEARCH_K)
+    if "\x00" in stock_code or retrieval.product(stock_code, settings()) is None:
+        raise ApiError(404, "product_not_found", f"no product with stock code {stock_code[:64]!r}")
+    hits = retrieval.similar(stock_code, k, settings())
+    return jsonify({"stock_code": stock_code, "count": len(hits), "items": [h.as_dict() for h in hits]})
+
+
+@bp.get("/search")
+@operation(
+    summary="Products for a text query: vector search, or hybrid (full-text + vector)",
+    parameters=[
+        query_param("q", {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS}, "query text", True),
+        query_param("k", {"type": "integer", "minimum": 1, "maximum": MAX_SEARCH_K, "default": 10}, "how many"),
+        query_param("customer_id", CUSTOMER_ID, "the customer, for exclude_purchased"),
+        query_param("exclude_purchased", {"type": "boolean", "default": False},
+                    "leave out what customer_id bought (vector search only)"),
+        query_param("hybrid", {"type": "boolean", "default": False}, "fuse full-text and vector ranks"),
+    ],
+    responses={"200": {"description": "Matching products", "content": json_content(ref("Hits"))},
+               **error_responses(400)},
+)
+def search():
+    query = str_arg("q", required=True, max_length=MAX_QUERY_CHARS)
+    k = int_arg("k", 10, 1, MAX_SEARCH_K)
+    customer_id = int_arg("customer_id", None, 1, 2**63 - 1)
+    exclude = bool_arg("exclude_purchased")
+    hybrid = bool_arg("hybrid")
+    try:
+        hits = retrieval.search(query, k, settings(), customer_id=customer_id, exclude_purchased=exclude,
+                                hybrid=hybrid)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    return jsonify({"query": query, "hybrid": hybrid, "count": len(hits), "items": [h.as_dict() for h in hits]})
+
+
+@bp.get("/customers/<int:customer_id>/history")
+@operation(
+    summary="What a customer bought, most recent first",
+    parameters=[
+        path_param("customer_id", CUSTOMER_ID, "the customer"),
+        query_param("n", {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY_N, "default": 10}, "how many"),
+        query_param("order", {"type": "string", "enum": ["recent", "seed"], "default": "recent"},
+                    "recent first, or the notebook's order (stock codes sorted)"),
+    ],
+    responses={
+        "200": {"description": "History", "content": json_content({
+            "type": "object",
+            "properties": {"customer_id": {"type": "integer"}, "count": {"type": "integer"},
+                           "items": {"type": "array", "items": ref("HistoryEntry")}},
+        })},
+        **error_responses(400, 404),
+    },
+)
+def customer_history(customer_id: int):
+    n = int_arg("n", 10, 1, MAX_HISTORY_N)
+    order = request.args.get("order", "recent")
+    if order not in retrieval.HISTORY_ORDERS:
+        raise bad(f"order must be one of {', '.join(retrieval.HISTORY_ORDERS)}")
+    if customer_id > 2**63 - 1 or data.customer(customer_id, settings()) is None:
+        raise ApiError(404, "customer_not_found", f"no customer {customer_id}")
+    entries = retrieval.history(customer_id, n, order, settings())
+    return jsonify({"customer_id": customer_id, "count": len(entries), "items": [e.as_dict() for e in entries]})
+
+
+@bp.post("/feedback")
+@operation(
+    summary="Record that a recommended product was shown, clicked or purchased",
+    requestBody={"required": True, "content": json_content(ref("FeedbackEvent"))},
+    responses={
+        "201": {"description": "Stored", "content": json_content({"type": "object"})},
+        **error_responses(400, 413, 415),
+    },
+)
+def feedback():
+    body = json_body()
+    unknown = set(body) - FEEDBACK_FIELDS
+    if unknown:
+        raise bad(f"unknown field(s): {', '.join(sorted(unknown))}")
+    event = body.get("event")
+    if event not in FEEDBACK_EVENTS:
+        raise bad(f"event must be one of {', '.join(FEEDBACK_EVENTS)}")
+    stock_code = body.get("stock_code")
+    if not isinstance(stock_code, str) or not 0 < len(stock_code) <= 64:
+        raise bad("stock_code must be a string of 1 to 64 characters")
+    customer_id = body.get("customer_id")
+    if customer_id is not None:
+        customer_id_value(customer_id)
+    job_id = uuid_value(body["job_id"], "job_id") if body.get("job_id") is not None else None
+    position = body.get("position")
+    if position is not None and (isinstance(position, bool) or not isinstance(position, int)
+                                 or not 1 <= position <= 1000):
+        raise bad("position must be an integer between 1 and 1000")
+    if not data.product_exists(stock_code, settings()):
+        raise bad(f"unknown stock_code {stock_code!r}")
+    stored = data.add_feedback(event, stock_code, customer_id, job_id, position, settings())
+    return jsonify(stored), 201
+
+
+@bp.get("/health")
+@public
+@operation(
+    summary="Database, broker and worker status (200 when the database and broker answer, else 503)",
+    responses={
+        "200": {"description": "Serving", "content": json_content(ref("Health"))},
+        "503": {"description": "Database or broker down", "content": json_content(ref("Health"))},
+    },
+)
+def health():
+    database = services.check_database(settings())
+    broker = services.check_broker(settings())
+    worker = services.check_workers(settings())
+    serving = database["ok"] and broker["ok"]
+    status = "unavailable" if not serving else ("ok" if worker["ok"] else "degraded")
+    body = {"status": status, "database": database, "broker": broker, "worker": worker}
+    return jsonify(body), 200 if serving else 503
+
+
+@bp.get("/openapi.json")
+@public
+@operation(
+    summary="This document",
+    responses={"200": {"description": "OpenAPI 3 document", "content": json_content({"type": "object"})}},
+)
+def openapi_document():
+    document = current_app.extensions.get("recsys_openapi")
+    if document is None:
+        document = current_app.extensions["recsys_openapi"] = build_document(current_app)
+    return jsonify(document)

@@ -1,0 +1,30 @@
+"""gunicorn settings for `recsys serve`: shared secret and metrics folder for all workers, tidy exits."""
+
+import os
+import secrets
+import shutil
+import tempfile
+
+# Both must be in the environment before the workers fork and import the app.
+os.environ.setdefault("RECSYS_SECRET_KEY", secrets.token_hex(32))
+_own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="recsys-metrics-")
+
+worker_class = "gthread"
+timeout = 60
+graceful_timeout = 20
+keepalive = 5
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+loglevel = os.environ.get("RECSYS_LOG_LEVEL", "info").lower()
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
