@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-fast lint bench clean
+.PHONY: install up test test-fast lint bench clean browser-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,15 @@ install: $(STAMP)
 up: install
 	$(BIN)/recsys up
 
-test: install
+test: install browser-deps
 	$(BIN)/python -m pytest
+
+# Headless Chromium for the browser tests, from Debian (never `playwright install`); skipped when present.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if ! command -v apt-get >/dev/null 2>&1; then echo "no chromium and no apt-get: browser tests will skip"; exit 0; fi; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not browser"

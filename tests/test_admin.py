@@ -144,7 +144,8 @@ def test_jobs_list_and_job_page(admin_client, loaded_db, monkeypatch):
     monkeypatch.undo()
 
     page = html(admin_client.get(f"/admin/jobs/{first.job_id}"))
-    for expected in ("Final order", "Candidates", "retrieval score", "Raw model output", "BAG CHARM", "rank ms"):
+    for expected in ("Final order", "Candidates", "retrieval score", "Raw model output", "BAG CHARM",
+                     "Pipeline stages"):
         assert expected in page, expected
     assert admin_client.get(f"/admin/jobs/{uuid.uuid4()}").status_code == 404
     assert admin_client.get("/admin/jobs/nonsense").status_code == 404

@@ -191,6 +191,9 @@ def _customer_page(customer_id: int, job: dict | None = None, result: dict | Non
     history, total = data.history_page(customer_id, PER_PAGE, (page - 1) * PER_PAGE, settings())
     if result is None and job is not None and job.get("status") == "succeeded":
         result = job.get("result")
+    if form is None and job is not None:
+        asked = job.get("request") or {}
+        form = {key: asked.get(key) for key in ("query", "k", "ranker", "explain", "exclude_purchased")}
     return render_template(
         "customer.html", customer_id=customer_id, customer=info, history=Page(history, page, PER_PAGE, total),
         job=job, result=result, rankers=RANKER_NAMES, default_ranker=settings().ranker, max_k=MAX_K,

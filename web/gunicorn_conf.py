@@ -4,6 +4,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import warnings
 
 # Both must be in the environment before the workers fork and import the app.
 os.environ.setdefault("RECSYS_SECRET_KEY", secrets.token_hex(32))
@@ -11,7 +12,12 @@ _own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="recsys-metrics-")
 
+# The embedded-Postgres helper warns about XDG_RUNTIME_DIR on import; the workers inherit this filter.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+
 worker_class = "gthread"
+# gunicorn's control socket is one fixed path per user; several servers (tests, benches) would fight over it.
+control_socket_disable = True
 timeout = 60
 graceful_timeout = 20
 keepalive = 5

@@ -17,7 +17,11 @@ BUNDLED_DATA = "data/online_retail.csv.gz"
 
 def serving_processes(settings: Settings) -> list[tuple[str, list[str], str | None]]:
     """(name, argv, url) of the long-running parts `up` supervises."""
-    return []
+    from recsys.cli.web import gunicorn_argv, web_url
+
+    return [
+        ("web", gunicorn_argv(settings), web_url(settings)),
+    ]
 
 
 @click.command("up")
