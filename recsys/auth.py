@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -118,6 +120,38 @@ def verify_api_key(key: str | None, settings: Settings | None = None) -> ApiKeyI
         with engine.begin() as conn:
             conn.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
     return ApiKeyInfo(row.id, row.name, row.key_prefix, row.created_at, now, None)
+
+
+class ApiKeyCache:
+    """Remembers keys verified in the last `ttl` seconds, so a busy API does not ask Postgres on every request.
+
+    Only valid keys are kept (at most `max_entries`); a revoked key stops working within `ttl`.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 1024, clock=time.monotonic):
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: dict[str, tuple[float, ApiKeyInfo]] = {}
+        self._lock = threading.Lock()
+
+    def verify(self, key: str | None, settings: Settings | None = None) -> ApiKeyInfo | None:
+        if self.ttl <= 0 or not key:
+            return verify_api_key(key, settings)
+        now = self.clock()
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and now - entry[0] < self.ttl:
+            return entry[1]
+        info = verify_api_key(key, settings)
+        with self._lock:
+            if info is None:
+                self._entries.pop(key, None)
+            else:
+                if len(self._entries) >= self.max_entries:
+                    self._entries.clear()
+                self._entries[key] = (now, info)
+        return info
 
 
 def create_admin_user(name: str, password: str, settings: Settings | None = None) -> None:

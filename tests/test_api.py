@@ -323,3 +323,18 @@ def test_serve_builds_a_gunicorn_command_without_importing_web(db):
     assert "127.0.0.1:8123" in argv and "gthread" in argv
     check = "import sys, recsys.cli, recsys.jobs, recsys.auth; sys.exit('web' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check]).returncode == 0
+
+
+def test_api_key_cache_honours_revocation_after_its_ttl(db):
+    from recsys.auth import ApiKeyCache, create_api_key, revoke_api_key
+
+    now = [100.0]
+    cache = ApiKeyCache(ttl=2.0, clock=lambda: now[0])
+    key = create_api_key("cached", db)
+    assert cache.verify(key, db).name == "cached"
+    revoke_api_key("cached", db)
+    now[0] += 1.0
+    assert cache.verify(key, db) is not None  # still inside the TTL
+    now[0] += 1.5
+    assert cache.verify(key, db) is None
+    assert cache.verify("rsk_unknown", db) is None and cache.verify(None, db) is None

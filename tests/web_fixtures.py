@@ -16,7 +16,7 @@ def app(db, broker):
     """The app on this test's own database and the session's broker."""
     from web import create_app
 
-    app = create_app(db, {"TESTING": True})
+    app = create_app(db, {"TESTING": True, "API_KEY_CACHE_SECONDS": 0})
     yield app
 
 

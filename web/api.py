@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 
-from recsys import auth, retrieval
+from recsys import retrieval
 from recsys.models import FEEDBACK_EVENTS
 from recsys.pipeline import MAX_QUERY_CHARS
 from web import data, services
@@ -54,7 +54,7 @@ def require_api_key():
     challenge = {"WWW-Authenticate": 'Bearer realm="recsys"'}
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "unauthorized", "missing API key: send Authorization: Bearer <key>", challenge)
-    key = auth.verify_api_key(token.strip(), settings())
+    key = current_app.extensions["recsys_api_keys"].verify(token.strip(), settings())
     if key is None:
         raise ApiError(401, "unauthorized", "unknown or revoked API key", challenge)
     g.api_key = key

@@ -6,11 +6,19 @@ import shutil
 import tempfile
 import warnings
 
+from recsys import services
+from recsys.config import Settings
+
 # Both must be in the environment before the workers fork and import the app.
 os.environ.setdefault("RECSYS_SECRET_KEY", secrets.token_hex(32))
 _own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 if _own_metrics_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="recsys-metrics-")
+
+# Resolve the embedded services' URLs once here, instead of probing the Postgres data folder for its
+# socket on every request in every worker.
+for _name, _value in services.service_env(Settings.from_env()).items():
+    os.environ.setdefault(_name, _value)
 
 # The embedded-Postgres helper warns about XDG_RUNTIME_DIR on import; the workers inherit this filter.
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")

@@ -1,0 +1,267 @@
+"""HTTP API throughput and latency under gunicorn on loopback, measured with wrk. Prints JSON.
+
+    python bench/api.py [--duration 10] [--connections 16] [--workers 2] [--threads 4]
+
+Scenarios: a POST /recommendations answered from the result cache (200), a GET of a finished
+job, and submissions that miss the cache (each inserts a job and sends a Celery message: 202).
+It uses its own database (`recsys_bench_api`, loaded with the bundled file on first use) and its
+own Valkey on a free port, so it never floods the shared broker; no worker runs, so submitted
+jobs just queue and are deleted at the end. Load average is reported because the cores are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+import warnings
+from pathlib import Path
+
+from sqlalchemy import text
+
+from recsys import auth, jobs, migrate, services
+from recsys.cli.web import gunicorn_argv
+from recsys.config import Settings
+from recsys.db import dispose_engines, get_engine
+
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+
+BENCH_DB = "recsys_bench_api"
+DATA = "data/online_retail.csv.gz"
+CACHED = {"customer_id": 15781, "query": "BAG CHARM", "k": 3, "ranker": "retrieval"}
+
+SUBMIT_LUA = """
+counter = 0
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+function request()
+  counter = counter + 1
+  local body = string.format(
+    '{"customer_id": 15781, "query": "bench %s %d %d", "k": 3, "ranker": "retrieval"}', RUN, tid, counter)
+  return wrk.format("POST", "/api/v1/recommendations", nil, body)
+end
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare_database(settings: Settings) -> Settings:
+    """The bench database, migrated and loaded once (ingest + embed of the bundled file)."""
+    from recsys.embedding import embed_products
+    from recsys.ingest import ingest_file
+
+    bench = settings.with_(db_name=BENCH_DB) if settings.uses_embedded_db else settings
+    if bench.uses_embedded_db:
+        services.start_postgres(bench)
+    migrate.upgrade(bench)
+    with get_engine(bench).connect() as conn:
+        purchases = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
+    if purchases == 0:
+        print(f"loading {DATA} into {BENCH_DB} (first run only) ...", file=sys.stderr)
+        ingest_file(DATA, bench)
+    embed_products(bench)
+    with get_engine(bench).begin() as conn:
+        conn.execute(text("DELETE FROM jobs"))
+        conn.execute(text("DELETE FROM result_cache"))
+    return bench
+
+
+def start_broker(home: Path) -> Settings:
+    broker = Settings(home=home, broker_port=free_port())
+    services.start_broker(broker)
+    return broker
+
+
+def wait_for(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+def parse_wrk(output: str) -> dict:
+    """Requests/s, latency percentiles (ms) and error counts from `wrk --latency` output."""
+    result = {"requests_per_second": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))}
+    for pct in ("50", "75", "90", "99"):
+        match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.M)
+        result[f"p{pct}_ms"] = round(_ms(*match.groups()), 2) if match else None
+    total = re.search(r"(\d+) requests in ([\d.]+)(\w+)", output)
+    result["requests"] = int(total.group(1))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    result["non_2xx"] = int(non_2xx.group(1)) if non_2xx else 0
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    result["socket_errors"] = sum(int(g) for g in errors.groups()) if errors else 0
+    return result
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _backends() -> list[int]:
+    """Postgres backends serving the bench database (the server is shared with other databases)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"postgres: ") and BENCH_DB.encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def cpu_snapshot(server_pid: int) -> dict:
+    """CPU seconds so far of the gunicorn processes, the bench database's backends and finished children (wrk)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "app": {pid: _cpu_seconds(pid) for pid in [server_pid, *_children(server_pid)]},
+        "postgres": {pid: _cpu_seconds(pid) for pid in _backends()},
+        "load_tool": children.ru_utime + children.ru_stime,
+    }
+
+
+def cpu_per_request(before: dict, after: dict, requests: int) -> dict:
+    """Milliseconds of CPU per request spent in the app, in Postgres and in wrk."""
+    def spent(part):
+        return sum(value - before[part].get(pid, 0.0) for pid, value in after[part].items())
+
+    per = {part: spent(part) for part in ("app", "postgres")}
+    per["load_tool"] = after["load_tool"] - before["load_tool"]
+    return {f"{part}_ms": round(seconds * 1000 / max(requests, 1), 3) for part, seconds in per.items()}
+
+
+def run_wrk(url: str, key: str, args, script: str | None = None, body: dict | None = None,
+            extra_lua: str = "", server_pid: int | None = None) -> dict:
+    lua = f'wrk.headers["Authorization"] = "Bearer {key}"\nwrk.headers["Content-Type"] = "application/json"\n'
+    if body is not None:
+        lua += f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
+    lua += extra_lua + (script or "")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(lua)
+    before = cpu_snapshot(server_pid) if server_pid else None
+    try:
+        output = subprocess.run(
+            ["wrk", "-t", str(args.wrk_threads), "-c", str(args.connections), "-d", f"{args.duration}s",
+             "--latency", "-s", handle.name, url],
+            check=True, capture_output=True, text=True, timeout=args.duration + 60,
+        ).stdout
+    finally:
+        os.unlink(handle.name)
+    result = parse_wrk(output)
+    if before is not None:
+        result["cpu_per_request"] = cpu_per_request(before, cpu_snapshot(server_pid), result["requests"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per scenario")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench/api.py needs wrk (apt-get install wrk)")
+
+    scratch = Path(tempfile.mkdtemp(prefix="recsys-bench-api-", dir="/tmp"))
+    broker = start_broker(scratch)
+    settings = prepare_database(Settings.from_env())
+    settings = settings.with_(broker_url=broker.celery_broker_url, web_port=free_port())
+    key_name = f"bench-{uuid.uuid4().hex[:8]}"
+    key = auth.create_api_key(key_name, settings)
+    first = jobs.submit_recommendation(CACHED, settings=settings)
+    jobs.run_job(first.job_id, worker=jobs.worker_identity(), settings=settings)
+    assert jobs.submit_recommendation(CACHED, settings=settings).cached
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "DATABASE_URL", "CELERY_"))}
+    env.update(services.service_env(settings))
+    env.update(RECSYS_HOME=str(settings.home), RECSYS_LOG_LEVEL="WARNING")
+    server = subprocess.Popen(gunicorn_argv(settings, args.workers, args.threads), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{settings.web_port}"
+    results: dict = {}
+    load_before = os.getloadavg()
+    try:
+        wait_for(f"{base}/api/v1/health")
+        warm = argparse.Namespace(**{**vars(args), "duration": 2})
+        run_wrk(f"{base}/api/v1/recommendations", key, warm, body=CACHED)
+        pid = server.pid
+        results["cached_post"] = run_wrk(f"{base}/api/v1/recommendations", key, args, body=CACHED, server_pid=pid)
+        results["cached_job_get"] = run_wrk(f"{base}/api/v1/jobs/{first.job_id}", key, args, server_pid=pid)
+        results["health_get"] = run_wrk(f"{base}/api/v1/health", key, args, server_pid=pid)
+        results["submit_post"] = run_wrk(f"{base}/api/v1/recommendations", key, args, script=SUBMIT_LUA,
+                                         extra_lua=f'RUN = "{uuid.uuid4().hex[:8]}"\n', server_pid=pid)
+        with get_engine(settings).connect() as conn:
+            results["submit_post"]["jobs_created"] = conn.execute(
+                text("SELECT count(*) FROM jobs WHERE status = 'queued'")).scalar_one()
+    finally:
+        load_after = os.getloadavg()
+        server.terminate()
+        server.wait(timeout=30)
+        auth.revoke_api_key(key_name, settings)
+        with get_engine(settings).begin() as conn:
+            conn.execute(text("DELETE FROM jobs"))
+            conn.execute(text("DELETE FROM result_cache"))
+            conn.execute(text("DELETE FROM api_keys WHERE name = :name"), {"name": key_name})
+        dispose_engines()
+        services.stop_broker(broker)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print(json.dumps({
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in load_after]},
+        "server": {"gunicorn_workers": args.workers, "threads": args.threads, "worker_class": "gthread"},
+        "load": {"tool": "wrk", "threads": args.wrk_threads, "connections": args.connections,
+                 "seconds_per_scenario": args.duration},
+        "scenarios": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
