@@ -7,7 +7,7 @@ import warnings
 
 import click
 
-from recsys.cli import data, jobs, llm, services, up, web
+from recsys.cli import data, evaluate, jobs, llm, services, up, web
 from recsys.config import get_settings
 
 
@@ -21,7 +21,7 @@ def cli(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for module in (services, data, llm, jobs, up, web):
+for module in (services, data, llm, jobs, up, web, evaluate):
     module.register(cli)
 
 
