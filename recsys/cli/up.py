@@ -17,9 +17,11 @@ BUNDLED_DATA = "data/online_retail.csv.gz"
 
 def serving_processes(settings: Settings) -> list[tuple[str, list[str], str | None]]:
     """(name, argv, url) of the long-running parts `up` supervises."""
+    from recsys.cli.jobs import worker_argv
     from recsys.cli.web import gunicorn_argv, web_url
 
     return [
+        ("worker", worker_argv(settings), None),
         ("web", gunicorn_argv(settings), web_url(settings)),
     ]
 

@@ -1,0 +1,164 @@
+"""Faults that must lose nothing, with a real Celery worker process, the real Valkey broker and Postgres.
+
+Worker processes get short timings (tests/conftest.py WORKER_TEST_ENV): a 3 s job lease and
+stale threshold, the `retrieval` ranker as default. A job is made slow where a test needs one
+in flight by a long RECSYS_BATCH_WAIT_MS: the worker has claimed the job and waits for more.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from celery import Celery
+from sqlalchemy import text
+
+from recsys import jobs, services
+from recsys.config import Settings
+from recsys.db import get_engine
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def payload(**changes) -> dict:
+    return {"customer_id": 15781, "query": "BAG CHARM", "k": 3, "ranker": "retrieval", **changes}
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def finished(settings: Settings, job_id, timeout: float = 60.0) -> dict:
+    job = jobs.wait_for_job(job_id, timeout, settings)
+    assert job is not None and job["status"] in jobs.FINISHED_STATUSES, job
+    return job
+
+
+def cache_rows(settings: Settings, job_id) -> int:
+    with get_engine(settings).connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM result_cache WHERE job_id = :id"), {"id": job_id}).scalar()
+
+
+def test_submit_runs_in_the_worker_and_the_next_ask_hits_the_cache(loaded_db, start_worker):
+    worker = start_worker(loaded_db)
+    outcome = jobs.submit_recommendation(payload(), settings=loaded_db)
+    job = finished(loaded_db, outcome.job_id)
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+    assert int(job["worker"].rpartition(":")[2]) in worker.pids()
+    assert {item["description"] for item in job["result"]["items"]} == {
+        "COPPER AND BRASS BAG CHARM", "IVORY GOLD METAL BAG CHARM", "WHITE WITH METAL BAG CHARM"}
+    assert job["timings"]["total_ms"] > 0 and job["timings"]["sent_at"]
+
+    hit = jobs.submit_recommendation(payload(), settings=loaded_db)
+    assert hit.cached and hit.result["items"] == job["result"]["items"]
+    assert jobs.count_jobs(settings=loaded_db) == 1
+
+    status = wait_until(lambda: (s := jobs.worker_status(loaded_db))["workers"][0]["processed"] >= 1 and s, 10,
+                        "a heartbeat that counts the job")
+    assert status["alive"] and status["last_seen_seconds"] < 5 and status["workers"][0]["ready"]
+
+
+def test_a_pure_celery_client_submits_and_reads_results_by_task_name(loaded_db, start_worker):
+    start_worker(loaded_db)
+    url = loaded_db.celery_broker_url
+    client = Celery(broker=url, backend=url)
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    try:
+        first = client.send_task("recsys.submit", args=[payload(), "client-key-1"], queue="celery").get(timeout=60)
+        again = client.send_task("recsys.submit", args=[payload(), "client-key-1"], queue="celery").get(timeout=60)
+        assert first["created"] and not again["created"] and again["job_id"] == first["job_id"]
+        summary = client.AsyncResult(first["job_id"]).get(timeout=60)
+        assert summary["status"] == "succeeded" and summary["job_id"] == first["job_id"]
+        assert len(summary["result"]["items"]) == 3
+        rejected = client.send_task("recsys.submit", args=[{"query": "x", "k": 0}], queue="celery").get(timeout=60)
+        assert rejected["status"] == "rejected" and "k must be between" in rejected["error"]
+    finally:
+        client.close()
+    assert jobs.count_jobs(settings=loaded_db) == 1
+
+
+def test_broker_down_at_submit_then_back_and_the_sweeper_sends_the_job(loaded_db, start_worker, tmp_path):
+    from conftest import free_port
+
+    port = free_port()
+    settings = loaded_db.with_(broker_port=port)
+    outcome = jobs.submit_recommendation(payload(), settings=settings)
+    assert outcome.status == "queued" and outcome.created
+    assert jobs.get_job(outcome.job_id, settings)["timings"]["sent_at"] is None
+
+    dedicated = Settings(home=tmp_path / "dedicated-broker", broker_port=port)
+    services.start_broker(dedicated)
+    try:
+        start_worker(settings, beat=True, RECSYS_JOB_STALE_SECONDS="1")
+        job = finished(settings, outcome.job_id)
+        assert job["status"] == "succeeded" and job["attempts"] == 1 and job["timings"]["sent_at"]
+    finally:
+        services.stop_broker(dedicated)
+
+
+def test_sigkill_mid_job_redelivers_the_job_and_it_completes_once(loaded_db, start_worker):
+    worker = start_worker(loaded_db, RECSYS_BATCH_WAIT_MS="4000")
+    job_id = jobs.submit_recommendation(payload(), settings=loaded_db).job_id
+    running = wait_until(lambda: (j := jobs.get_job(job_id, loaded_db))["status"] == "running" and j, 60,
+                         "the worker to claim the job")
+    victim = int(running["worker"].rpartition(":")[2])
+    assert victim in worker.pids() and victim != worker.proc.pid
+    os.kill(victim, signal.SIGKILL)
+
+    job = finished(loaded_db, job_id, timeout=120)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert job["worker"] != running["worker"]
+    time.sleep(1.5)
+    assert jobs.get_job(job_id, loaded_db)["timings"]["finished_at"] == job["timings"]["finished_at"]
+    assert cache_rows(loaded_db, job_id) == 1
+    assert jobs.job_counts(loaded_db)["succeeded"] == 1
+    assert worker.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_a_killed_solo_worker_is_recovered_by_the_sweeper_of_another(loaded_db, start_worker):
+    first = start_worker(loaded_db, pool="solo", RECSYS_BATCH_WAIT_MS="30000")
+    job_id = jobs.submit_recommendation(payload(), settings=loaded_db).job_id
+    wait_until(lambda: jobs.get_job(job_id, loaded_db)["status"] == "running", 60, "the worker to claim the job")
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+
+    start_worker(loaded_db, beat=True)
+    job = finished(loaded_db, job_id, timeout=120)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert cache_rows(loaded_db, job_id) == 1
+
+
+def test_a_failing_ranker_is_retried_then_failed_and_does_not_sink_its_batch(loaded_db, start_worker, tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    start_worker(loaded_db, RECSYS_LLM_MODEL=missing, RECSYS_BATCH_WAIT_MS="300")
+    bad = jobs.submit_recommendation(payload(ranker="llm-verbalizer"), settings=loaded_db.with_(llm_model=missing))
+    good = jobs.submit_recommendation(payload(customer_id=12583, query="night light"), settings=loaded_db)
+    assert finished(loaded_db, good.job_id)["status"] == "succeeded"
+    job = finished(loaded_db, bad.job_id)
+    assert job["status"] == "failed" and job["attempts"] == 3
+    assert job["error"].startswith("failed after 3 attempts: ModelLoadError: cannot find model")
+
+
+@pytest.mark.slow
+def test_the_worker_carries_on_after_the_database_restarts(loaded_db, start_worker):
+    worker = start_worker(loaded_db, RECSYS_BATCH_WAIT_MS="2500")
+    before = jobs.submit_recommendation(payload(), settings=loaded_db).job_id
+    assert finished(loaded_db, before)["status"] == "succeeded"
+
+    in_flight = jobs.submit_recommendation(payload(customer_id=12583, query="night light"), settings=loaded_db)
+    wait_until(lambda: jobs.get_job(in_flight.job_id, loaded_db)["status"] == "running", 60, "a job in flight")
+    services._restart_postgres(loaded_db)
+
+    assert finished(loaded_db, in_flight.job_id, timeout=120)["status"] == "succeeded"
+    after = jobs.submit_recommendation(payload(customer_id=13047, query="lunch bag"), settings=loaded_db).job_id
+    assert finished(loaded_db, after)["status"] == "succeeded"
+    assert worker.proc.poll() is None

@@ -1,0 +1,103 @@
+"""The Celery app of the recsys worker: configured from the one settings object.
+
+Broker and result backend are `settings.celery_broker_url` (the embedded Valkey or any
+redis:// URL). Messages are JSON only. Tasks are acknowledged after they finish
+(`task_acks_late`) and put back when the process running them dies
+(`task_reject_on_worker_lost`); each process takes one message at a time. The jobs table,
+not the broker, is the record of work: see `recsys.jobs`.
+
+Models are loaded once per worker process after the fork (`worker_process_init`), never
+in the parent and never per job. Start it with `recsys worker`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery, signals
+from kombu import Queue
+
+from recsys import jobs
+from recsys.celery_client import DEFAULT_QUEUE, RERANK_QUEUE, RERANK_TASK, SUBMIT_TASK, SWEEP_TASK, client_config
+from recsys.config import get_settings
+
+log = logging.getLogger(__name__)
+
+SOFT_TIME_LIMIT = 300
+HARD_TIME_LIMIT = 360
+# Redis redelivers an unacknowledged message after this long; it must exceed the hard time
+# limit and the longest retry countdown. A worker killed mid-job is recovered sooner: a prefork
+# parent requeues the message at once, and the sweeper re-sends jobs whose lease ran out.
+VISIBILITY_TIMEOUT = 3600
+
+
+def sweep_interval(settings) -> float:
+    """The beat sweeper runs twice per stale period (at least every second)."""
+    return max(settings.job_stale_seconds / 2, 1.0)
+
+
+settings = get_settings()
+app = Celery("recsys")
+app.conf.update(client_config(settings.celery_broker_url))
+app.conf.update(
+    result_backend=settings.celery_broker_url,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_proc_alive_timeout=30,
+    task_soft_time_limit=SOFT_TIME_LIMIT,
+    task_time_limit=HARD_TIME_LIMIT,
+    task_queues=(Queue(RERANK_QUEUE), Queue(DEFAULT_QUEUE)),
+    task_routes={RERANK_TASK: {"queue": RERANK_QUEUE}, SUBMIT_TASK: {"queue": DEFAULT_QUEUE},
+                 SWEEP_TASK: {"queue": DEFAULT_QUEUE}},
+    broker_transport_options={**app.conf.broker_transport_options, "visibility_timeout": VISIBILITY_TIMEOUT},
+    result_expires=24 * 3600,
+    worker_max_memory_per_child=None,
+    worker_log_color=False,
+    beat_schedule={
+        "recsys-sweep": {
+            "task": SWEEP_TASK,
+            "schedule": sweep_interval(settings),
+            "options": {"queue": DEFAULT_QUEUE, "expires": sweep_interval(settings)},
+        }
+    },
+)
+
+_heartbeat: jobs.Heartbeat | None = None
+
+
+@signals.worker_process_init.connect
+def _start_process(sender=None, **_kwargs) -> None:
+    """In each process that runs tasks (after the fork): heartbeat and lease renewal, and the models.
+
+    The models load in a thread: the pool kills a child that does not report for duty within
+    `worker_proc_alive_timeout`, and a first task simply waits on the loaders' locks.
+    """
+    global _heartbeat
+    _heartbeat = jobs.Heartbeat(jobs.worker_identity(), settings, nodename=str(sender), ranker=settings.ranker,
+                                ready=False)
+    _heartbeat.start()
+    threading.Thread(target=_load_models, args=(_heartbeat,), name="recsys-load-models", daemon=True).start()
+
+
+def _load_models(heartbeat: jobs.Heartbeat) -> None:
+    jobs.prepare_worker(settings)
+    heartbeat.details["ready"] = True
+    heartbeat.beat()
+
+
+@signals.worker_process_shutdown.connect
+def _stop_process(**_kwargs) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
+
+
+@signals.worker_shutdown.connect
+def _stop_solo(**_kwargs) -> None:
+    """The solo pool runs tasks in the main process, which gets no worker_process_shutdown."""
+    if _heartbeat is not None:
+        _heartbeat.stop()
+
+
+from worker import tasks  # noqa: E402,F401  (registers the tasks on `app`)

@@ -1,0 +1,48 @@
+"""Thin tasks: parse the arguments, call recsys.jobs, format the answer.
+
+`recsys.rerank(job_id)` runs a job that already has a row (its Celery task id is the job id,
+so `AsyncResult(job_id)` gives the job's final summary). `recsys.submit(request, idempotency_key)`
+does `submit_recommendation` inside the worker, for clients without database access.
+`recsys.sweep()` is the periodic sweeper.
+"""
+
+from __future__ import annotations
+
+from celery import states
+
+from recsys import jobs
+from recsys.celery_client import RERANK_TASK, SUBMIT_TASK, SWEEP_TASK
+from recsys.pipeline import RequestError
+from worker.app import app, settings
+
+MAX_INFRA_RETRIES = 100
+
+
+@app.task(name=RERANK_TASK, bind=True, max_retries=None)
+def rerank(self, job_id: str) -> dict:
+    try:
+        outcome = jobs.run_job(job_id, worker=jobs.worker_identity(), settings=settings)
+    except Exception as exc:
+        if self.request.retries >= MAX_INFRA_RETRIES:
+            raise
+        raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 30)) from exc
+    for other in outcome.others:
+        self.backend.store_result(other["job_id"], other, states.SUCCESS)
+    if outcome.retry_in is not None:
+        raise self.retry(countdown=outcome.retry_in)
+    return outcome.summary()
+
+
+@app.task(name=SUBMIT_TASK)
+def submit(request: dict, idempotency_key: str | None = None) -> dict:
+    try:
+        outcome = jobs.submit_recommendation(request, idempotency_key=idempotency_key, settings=settings)
+    except RequestError as exc:
+        return {"job_id": None, "status": "rejected", "error": str(exc), "result": None, "cached": False,
+                "created": False}
+    return outcome.as_dict()
+
+
+@app.task(name=SWEEP_TASK)
+def sweep() -> int:
+    return jobs.requeue_stale(settings)
