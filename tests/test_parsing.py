@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recsys.llm.parsing import normalize_name, parse_probability, parse_ranked_list
+from recsys.llm.parsing import ends_in_a_loop, normalize_name, parse_probability, parse_ranked_list
 from recsys.llm.prompts import (
     PROMPT_VERSION,
     CustomerCase,
@@ -209,3 +209,11 @@ def test_prompts_without_query_or_history():
 def test_prompt_version_is_dated():
     date, _, revision = PROMPT_VERSION.partition(".")
     assert len(date) == 10 and revision.isdigit()
+
+
+def test_generation_stops_once_a_list_loops():
+    assert ends_in_a_loop(" RED MUG\n2. BLUE MUG\n3. RED MUG\n4. BLUE MUG\n")
+    assert ends_in_a_loop("A\n2. B\n3. B\n4. B\n5. B")
+    assert not ends_in_a_loop(" RED MUG\n2. RED MUG\n3. BLUE MUG\n")
+    assert not ends_in_a_loop("A\n2. B\n3. C\n")
+    assert not ends_in_a_loop("A\nA\n")

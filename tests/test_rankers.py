@@ -193,6 +193,21 @@ def test_scores_do_not_depend_on_batch_neighbours(name, tmp_path, tiny_model, mi
         assert batched.scores[code] == pytest.approx(score, abs=1e-4)
 
 
+def test_likelihood_shared_prompt_cache_gives_the_same_scores(tmp_path, tiny_model):
+    """One prompt pass with a shared key/value cache must score exactly like full pairs."""
+    ranker = make_ranker("llm-likelihood", Settings(home=tmp_path, max_candidates=MIXED_BATCH_CAP), tiny_model)
+    assert ranker.share_prompts
+    batch = mixed_batch()
+    shared = ranker.rank(batch)
+    ranker.share_prompts = False
+    separate = ranker.rank(batch)
+    for with_cache, without in zip(shared, separate, strict=True):
+        assert with_cache.order == without.order
+        for code, score in without.scores.items():
+            assert with_cache.scores[code] == pytest.approx(score, abs=1e-4)
+        assert with_cache.info.get("prompt_tokens", 0) <= without.info.get("prompt_tokens", 0)
+
+
 def test_verbalizer_is_deterministic_and_averages_shuffled_orders(settings, tiny_model):
     ranker = make_ranker("llm-verbalizer", settings, tiny_model)
     request = mixed_batch()[0]

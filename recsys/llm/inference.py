@@ -7,6 +7,7 @@ taken from the attention mask so padding never shifts a row's positions.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from recsys.llm.loading import LoadedModel
+from recsys.llm.parsing import ends_in_a_loop
 
 DEFAULT_TOKENS_PER_FORWARD = 12_288
 DEFAULT_ROWS_PER_FORWARD = 96
@@ -132,16 +134,103 @@ def continuation_logprobs(
     return scores
 
 
+def _cache_rows(cache, rows: torch.Tensor):
+    """A view of `cache` holding the given batch rows (repeats allowed); `cache` stays intact."""
+    selected = copy.copy(cache)
+    selected.layers = []
+    for layer in cache.layers:
+        clone = copy.copy(layer)
+        if getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.numel():
+            clone.keys = layer.keys.index_select(0, rows)
+            clone.values = layer.values.index_select(0, rows)
+        selected.layers.append(clone)
+    return selected
+
+
+@torch.inference_mode()
+def shared_prompt_logprobs(
+    loaded: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    *,
+    max_tokens: int = DEFAULT_TOKENS_PER_FORWARD,
+) -> list[list[float]]:
+    """Mean token log-probability of each of `continuations[i]` after `prompts[i]`.
+
+    Each prompt runs once; its key/value cache is then shared by all its continuations, so
+    twenty candidates after a 150-token prompt cost about 350 tokens of work, not 3,000.
+    """
+    scores = [[float("-inf")] * len(tails) for tails in continuations]
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    for group in plan_micro_batches([len(p) for p in prompts], max_tokens=max_tokens):
+        input_ids, attention_mask, position_ids = left_pad(
+            [prompts[i] for i in group], loaded.pad_token_id, loaded.device
+        )
+        output = loaded.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=1,
+            use_cache=True,
+        )
+        first_logprobs = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1)
+        cache = output.past_key_values
+        prompt_lengths = attention_mask.sum(dim=1)
+        pairs = [(row, j) for row, i in enumerate(group) for j in range(len(continuations[i])) if continuations[i][j]]
+        if not pairs:
+            continue
+        longest = max(len(continuations[group[row]][j]) for row, j in pairs)
+        rows_per_chunk = max(1, LOGITS_ELEMENTS_PER_CHUNK // (longest * vocab))
+        for start in range(0, len(pairs), rows_per_chunk):
+            chunk = pairs[start:start + rows_per_chunk]
+            tails = [list(continuations[group[row]][j]) for row, j in chunk]
+            width = max(len(tail) for tail in tails)
+            tail_ids = torch.full((len(chunk), width), loaded.pad_token_id, dtype=torch.long)
+            tail_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for index, tail in enumerate(tails):
+                tail_ids[index, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+                tail_mask[index, : len(tail)] = 1
+            rows = torch.tensor([row for row, _ in chunk], dtype=torch.long, device=loaded.device)
+            tail_ids, tail_mask = tail_ids.to(loaded.device), tail_mask.to(loaded.device)
+            output = loaded.model(
+                input_ids=tail_ids,
+                attention_mask=torch.cat([attention_mask.index_select(0, rows), tail_mask], dim=1),
+                position_ids=prompt_lengths.index_select(0, rows)[:, None]
+                + torch.arange(width, device=loaded.device)[None, :],
+                past_key_values=_cache_rows(cache, rows),
+                use_cache=True,
+            )
+            logprobs = torch.log_softmax(output.logits[:, :-1, :].float(), dim=-1)
+            following = logprobs.gather(-1, tail_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            opening = first_logprobs.index_select(0, rows).gather(1, tail_ids[:, :1]).squeeze(1)
+            totals = (opening + (following * tail_mask[:, 1:]).sum(dim=1)).cpu()
+            for index, (row, j) in enumerate(chunk):
+                scores[group[row]][j] = float(totals[index]) / len(tails[index])
+    return scores
+
+
+def supports_shared_prompts(loaded: LoadedModel) -> bool:
+    """Whether the model's cache is the layered kind `shared_prompt_logprobs` knows how to split."""
+    try:
+        from transformers import DynamicCache
+
+        return hasattr(DynamicCache(config=loaded.model.config), "layers")
+    except Exception:
+        return False
+
+
 class _StopAtLines(StoppingCriteria):
-    """Stops each row once its text (leading blank space aside) holds `lines[row]` line breaks
-    or a blank line. Decodes a row only when it has just produced a token with a line break.
+    """Stops each row once its text (leading blank space aside) holds `lines[row]` line breaks,
+    a blank line, or (optionally) has begun to loop. Decodes a row only when it has just
+    produced a token with a line break.
     """
 
-    def __init__(self, loaded: LoadedModel, prompt_width: int, lines: Sequence[int]) -> None:
+    def __init__(self, loaded: LoadedModel, prompt_width: int, lines: Sequence[int], stop_loops: bool) -> None:
         super().__init__()
         self.loaded = loaded
         self.prompt_width = prompt_width
         self.lines = list(lines)
+        self.stop_loops = stop_loops
         self.newline_ids = loaded.newline_token_ids
         self.done = [False] * len(self.lines)
 
@@ -153,6 +242,8 @@ class _StopAtLines(StoppingCriteria):
             text = self.loaded.tokenizer.decode(input_ids[row, self.prompt_width:], skip_special_tokens=True)
             text = text.lstrip()
             if "\n\n" in text or text.count("\n") >= self.lines[row]:
+                self.done[row] = True
+            elif self.stop_loops and ends_in_a_loop(text):
                 self.done[row] = True
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
@@ -170,11 +261,16 @@ def generate_greedy(
     *,
     max_new_tokens: Sequence[int] | int,
     stop_after_lines: Sequence[int] | int | None = None,
+    stop_loops: bool = False,
     min_new_tokens: int = 0,
     max_tokens: int = DEFAULT_TOKENS_PER_FORWARD,
     max_rows: int = 64,
 ) -> list[Generation]:
-    """Greedy continuations of each sequence, generated in left-padded micro-batches."""
+    """Greedy continuations of each sequence, generated in left-padded micro-batches.
+
+    `stop_after_lines` ends a row after that many lines or a blank line; `stop_loops` also
+    ends it once it keeps repeating earlier lines.
+    """
     count = len(sequences)
     budgets = [max_new_tokens] * count if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if stop_after_lines is None:
@@ -199,7 +295,7 @@ def generate_greedy(
         )
         criteria = StoppingCriteriaList()
         if line_limits is not None:
-            criteria.append(_StopAtLines(loaded, width, [line_limits[i] for i in rows]))
+            criteria.append(_StopAtLines(loaded, width, [line_limits[i] for i in rows], stop_loops))
         output = loaded.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

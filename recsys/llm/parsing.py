@@ -28,6 +28,21 @@ _PROBABILITY_MARKER = re.compile(r"probability\s*[:=]", re.I)
 _LEADING_NUMBER = re.compile(r"\s*[*`\"']*\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)(?![\w%])")
 
 
+_LEADING_LIST_NUMBER = re.compile(r"^\s*\d+\s*[.)]\s*")
+REPEATED_LINES_TO_STOP = 2
+
+
+def ends_in_a_loop(text: str, repeats: int = REPEATED_LINES_TO_STOP) -> bool:
+    """True when the last `repeats` complete lines each repeat an earlier line (numbering aside).
+
+    Small models fall into writing one list item over and over; nothing after that is used.
+    """
+    lines = [_LEADING_LIST_NUMBER.sub("", line).strip().casefold() for line in text.split("\n")[:-1]]
+    if len(lines) <= repeats:
+        return False
+    return all(lines[i] in lines[:i] for i in range(len(lines) - repeats, len(lines)))
+
+
 def normalize_name(text: str) -> str:
     """Case, punctuation and spacing removed: 'Cakestand, 3 tier' == 'CAKESTAND 3 TIER'."""
     return _NON_ALPHANUMERIC.sub(" ", text.casefold()).strip()

@@ -44,9 +44,10 @@ class ListwiseRanker(LLMRanker):
             sequences,
             max_new_tokens=[self.new_token_budget(item) for item in prepared],
             stop_after_lines=[len(item.shown) for item in prepared],
+            stop_loops=True,
         )
         results = []
-        for item, generation in zip(prepared, generations, strict=True):
+        for item, sequence, generation in zip(prepared, sequences, generations, strict=True):
             text = ANSWER_START + generation.text
             parsed = parse_ranked_list(text, item.case.candidates)
             codes = item.shown_codes
@@ -66,6 +67,7 @@ class ListwiseRanker(LLMRanker):
                     repaired=parsed.repaired,
                     fallback=parsed.fallback,
                     info={
+                        "prompt_tokens": len(sequence),
                         "generated_tokens": generation.new_tokens,
                         "matched": parsed.matched,
                         "unknown_items": len(parsed.unknown),

@@ -27,6 +27,7 @@ class PointwiseRanker(LLMRanker):
             for item in prepared
             for name in item.case.candidates
         ]
+        lengths = iter([len(sequence) for sequence in sequences])
         generations = iter(
             generate_greedy(self.model, sequences, max_new_tokens=PROBABILITY_TOKENS, stop_after_lines=1)
         )
@@ -35,7 +36,9 @@ class PointwiseRanker(LLMRanker):
             scores: dict[str, float] = {}
             lines = []
             failures = 0
+            prompt_tokens = 0
             for code in item.shown_codes:
+                prompt_tokens += next(lengths)
                 text = next(generations).text
                 value = parse_probability(text)
                 if value is None:
@@ -52,7 +55,7 @@ class PointwiseRanker(LLMRanker):
                     raw_output="\n".join(lines),
                     repaired=bool(failures),
                     fallback=failures == len(item.shown),
-                    info={"parse_failures": failures},
+                    info={"parse_failures": failures, "prompt_tokens": prompt_tokens},
                 )
             )
         return results

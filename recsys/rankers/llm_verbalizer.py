@@ -85,6 +85,7 @@ class VerbalizerRanker(LLMRanker):
     def _rank_prepared(self, prepared: Sequence[PreparedRequest]) -> list[RankResult]:
         sequences: list[list[int]] = []
         plans: list[list[list[int]]] = []
+        prompt_tokens: list[int] = []
         for item in prepared:
             count = len(item.shown)
             orders = candidate_orders(count, self.permutations, request_seed(item)) if count > 1 else []
@@ -96,10 +97,11 @@ class VerbalizerRanker(LLMRanker):
                     candidates=[item.case.candidates[i] for i in order],
                 )
                 sequences.append(encode_prompt(self.model, verbalizer_prompt(case), chat=False))
+            prompt_tokens.append(sum(len(sequence) for sequence in sequences[len(sequences) - len(orders):]))
         logprobs = next_token_logprobs(self.model, sequences, self.label_ids) if sequences else None
         results = []
         row = 0
-        for item, orders in zip(prepared, plans, strict=True):
+        for item, orders, tokens in zip(prepared, plans, prompt_tokens, strict=True):
             count = len(item.shown)
             codes = item.shown_codes
             totals = [0.0] * count
@@ -123,6 +125,7 @@ class VerbalizerRanker(LLMRanker):
                     raw_output=score_dump(scores, order_codes),
                     info={
                         "permutations": len(orders),
+                        "prompt_tokens": tokens,
                         "label_mass": round(sum(label_mass) / len(label_mass), 4) if label_mass else None,
                     },
                 )
