@@ -180,5 +180,14 @@ def test_evaluation_page(admin_client, db, tmp_path, monkeypatch):
     assert served.status_code == 200 and served.mimetype == "image/png"
 
     report.pop("metrics_table_markdown")
+    report["table_markdown"] = (
+        "**Query personalization** (`query`): 200 cases (repeat 120, new 80)\n\n"
+        "| ranker | NDCG@10 |\n|---|---:|\n| retrieval | 0.31 |\n| <script>x</script> | 0.4 |\n\n"
+        "**Next purchase** (`next`): 150 cases\n\n| ranker | NDCG@10 |\n|---|---:|\n| popularity | 0.12 |\n"
+    )
+    page = html(admin_client.get("/admin/evaluation"))
+    assert "<b>Query personalization</b> (<code>query</code>)" in page and "<b>Next purchase</b>" in page
+    assert page.count('<table class="metrics">') == 2 and "&lt;script&gt;" in page and "<script>x" not in page
+    report.pop("table_markdown")
     report["rows"] = [{"ranker": "popularity", "HitRate@5": 0.2}]
     assert "popularity" in html(admin_client.get("/admin/evaluation"))

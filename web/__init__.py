@@ -91,4 +91,4 @@ def _number(value, digits: int = 2) -> str:
         return f"{value:,}"
     if isinstance(value, float | Decimal):
         return f"{value:,.{digits}f}"
-    return str(value)
+    return value if isinstance(value, str) else str(value)

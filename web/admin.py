@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ from flask import (
     session,
     url_for,
 )
+from markupsafe import Markup, escape
 
 from recsys import auth, retrieval
 from recsys.models import JOB_STATUSES
@@ -286,12 +288,31 @@ def cancel(job_id: str):
     return redirect(url_for("admin.job", job_id=job_id))
 
 
-def _markdown_table(markdown: str) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of a pipe table (the evaluation report's metrics table)."""
-    lines = [line.strip() for line in (markdown or "").splitlines() if line.strip().startswith("|")]
-    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-    cells = [row for row in cells if not all(set(cell) <= set(":- ") for cell in row)]
-    return (cells[0], cells[1:]) if cells else ([], [])
+def _inline_markdown(line: str) -> Markup:
+    """**bold** and `code` in an escaped line: all the inline markup the evaluation report uses."""
+    html = str(escape(line))
+    html = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html)
+    html = re.sub(r"`(.+?)`", r"<code>\1</code>", html)
+    html = re.sub(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?!\w)", r"<i>\1</i>", html)
+    return Markup(html)
+
+
+def _markdown_blocks(markdown: str) -> list[dict]:
+    """Paragraphs and pipe tables of the evaluation report's markdown, ready for the template."""
+    blocks: list[dict] = []
+    for line in (markdown or "").splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|"):
+            cells = [_inline_markdown(cell.strip()) for cell in stripped.strip("|").split("|")]
+            if all(set(str(cell)) <= set(":- ") for cell in cells):
+                continue
+            if blocks and blocks[-1]["kind"] == "table":
+                blocks[-1]["rows"].append(cells)
+            else:
+                blocks.append({"kind": "table", "header": cells, "rows": []})
+        elif stripped:
+            blocks.append({"kind": "p", "html": _inline_markdown(stripped.lstrip("# "))})
+    return blocks
 
 
 def _report() -> tuple[dict | None, str | None]:
@@ -305,17 +326,17 @@ def _report() -> tuple[dict | None, str | None]:
 @bp.get("/evaluation")
 def evaluation():
     report, error = _report()
-    header, rows = [], []
+    blocks: list[dict] = []
     if report:
         if report.get("rows"):
             header = list(report["rows"][0].keys())
-            rows = [[row.get(column) for column in header] for row in report["rows"]]
-        elif report.get("metrics_table_markdown"):
-            header, rows = _markdown_table(report["metrics_table_markdown"])
+            blocks = [{"kind": "table", "header": header,
+                       "rows": [[row.get(column) for column in header] for row in report["rows"]]}]
+        else:
+            blocks = _markdown_blocks(report.get("metrics_table_markdown") or report.get("table_markdown") or "")
     plot = report.get("plot_path") if report else None
     has_plot = bool(plot) and Path(plot).suffix.lower() == ".png" and Path(plot).is_file()
-    return render_template("evaluation.html", report=report, error=error, header=header, rows=rows,
-                           has_plot=has_plot)
+    return render_template("evaluation.html", report=report, error=error, blocks=blocks, has_plot=has_plot)
 
 
 @bp.get("/evaluation/plot.png")
