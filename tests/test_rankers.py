@@ -208,6 +208,20 @@ def test_likelihood_shared_prompt_cache_gives_the_same_scores(tmp_path, tiny_mod
         assert with_cache.info.get("prompt_tokens", 0) <= without.info.get("prompt_tokens", 0)
 
 
+def test_verbalizer_shared_prompt_cache_gives_the_same_scores(tmp_path, tiny_model):
+    ranker = make_ranker("llm-verbalizer", Settings(home=tmp_path, max_candidates=MIXED_BATCH_CAP), tiny_model)
+    assert ranker.share_prompts
+    batch = mixed_batch()
+    shared = ranker.rank(batch)
+    ranker.share_prompts = False
+    separate = ranker.rank(batch)
+    for with_cache, without in zip(shared, separate, strict=True):
+        for code, score in without.scores.items():
+            assert with_cache.scores[code] == pytest.approx(score, abs=1e-5)
+        if without.info.get("label_mass") is not None:
+            assert with_cache.info["label_mass"] == pytest.approx(without.info["label_mass"], abs=1e-4)
+
+
 def test_verbalizer_is_deterministic_and_averages_shuffled_orders(settings, tiny_model):
     ranker = make_ranker("llm-verbalizer", settings, tiny_model)
     request = mixed_batch()[0]

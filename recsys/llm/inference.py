@@ -209,6 +209,60 @@ def shared_prompt_logprobs(
     return scores
 
 
+@torch.inference_mode()
+def shared_prompt_next_token_logprobs(
+    loaded: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    endings: Sequence[Sequence[Sequence[int]]],
+    token_ids: Sequence[int],
+    *,
+    max_tokens: int = DEFAULT_TOKENS_PER_FORWARD,
+) -> list[torch.Tensor]:
+    """Like `next_token_logprobs` for every `prompts[i] + endings[i][j]`, running each shared
+    prompt once. Returns one float32 tensor [len(endings[i]), len(token_ids)] per prompt.
+
+    Endings are padded on the left, between prompt and ending, so every row ends in the last
+    column; the attention mask hides the gap and position ids skip it.
+    """
+    wanted = torch.tensor(list(token_ids), dtype=torch.long, device=loaded.device)
+    results = [torch.empty((len(tails), len(token_ids)), dtype=torch.float32) for tails in endings]
+    for group in plan_micro_batches([len(p) for p in prompts], max_tokens=max_tokens):
+        input_ids, attention_mask, position_ids = left_pad(
+            [prompts[i] for i in group], loaded.pad_token_id, loaded.device
+        )
+        cache = loaded.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=1,
+            use_cache=True,
+        ).past_key_values
+        prompt_lengths = attention_mask.sum(dim=1)
+        pairs = [(row, j) for row, i in enumerate(group) for j in range(len(endings[i]))]
+        if not pairs:
+            continue
+        longest = max(len(endings[group[row]][j]) for row, j in pairs) + input_ids.shape[1]
+        rows_per_chunk = max(1, max_tokens // longest)
+        for start in range(0, len(pairs), rows_per_chunk):
+            chunk = pairs[start:start + rows_per_chunk]
+            tail_ids, tail_mask, tail_positions = left_pad(
+                [endings[group[row]][j] for row, j in chunk], loaded.pad_token_id, loaded.device
+            )
+            rows = torch.tensor([row for row, _ in chunk], dtype=torch.long, device=loaded.device)
+            output = loaded.model(
+                input_ids=tail_ids,
+                attention_mask=torch.cat([attention_mask.index_select(0, rows), tail_mask], dim=1),
+                position_ids=prompt_lengths.index_select(0, rows)[:, None] + tail_positions,
+                past_key_values=_cache_rows(cache, rows),
+                logits_to_keep=1,
+                use_cache=True,
+            )
+            picked = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1).index_select(1, wanted).cpu()
+            for index, (row, j) in enumerate(chunk):
+                results[group[row]][j] = picked[index]
+    return results
+
+
 def supports_shared_prompts(loaded: LoadedModel) -> bool:
     """Whether the model's cache is the layered kind `shared_prompt_logprobs` knows how to split."""
     try:

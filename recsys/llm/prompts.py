@@ -13,7 +13,7 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PROMPT_VERSION = "2026-11-22.1"
+PROMPT_VERSION = "2026-11-22.2"
 
 VERBALIZER_LABELS = string.ascii_uppercase
 LISTWISE_ANSWER_PREFIX = "Ranked products:\n1."
@@ -126,18 +126,25 @@ def listwise_prompt(case: CustomerCase, *, explain: bool) -> str:
 # ---------------------------------------------------------------- verbalizer (one token)
 
 
-def verbalizer_prompt(case: CustomerCase) -> str:
-    """Completion-style multiple choice; the next token after 'Answer:' is read as the choice."""
+def verbalizer_prompt_parts(case: CustomerCase) -> tuple[str, str]:
+    """The verbalizer prompt as (customer part, options part).
+
+    Shuffled candidate orders share the customer part, so it can be run once per request.
+    """
     options = "\n".join(f"{VERBALIZER_LABELS[i]}. {text}" for i, text in enumerate(case.candidates))
-    return (
+    customer = (
         "An online gift shop customer is choosing their next product.\n"
         + _history_block(case, numbered=False)
         + _query_line(case)
         + "Which of these products is the customer most likely to buy next?\n"
-        + options
-        + "\nReply with the letter of one product.\n"
-        + VERBALIZER_ANSWER_PREFIX
     )
+    return customer, options + "\nReply with the letter of one product.\n" + VERBALIZER_ANSWER_PREFIX
+
+
+def verbalizer_prompt(case: CustomerCase) -> str:
+    """Completion-style multiple choice; the next token after 'Answer:' is read as the choice."""
+    customer, options = verbalizer_prompt_parts(case)
+    return customer + options
 
 
 # ---------------------------------------------------------------- pointwise ("Probability:")

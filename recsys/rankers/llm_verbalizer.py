@@ -4,6 +4,8 @@ Candidates are labelled A, B, C... in a completion-style prompt ending in "Answe
 model's next-token distribution over the label tokens scores every candidate at once, with
 no generation. Small models favour early labels, so each request is asked in several
 shuffled orders (seeded by the request, so answers repeat) and the probabilities averaged.
+The customer part of the prompt is the same in every order: it runs once per request and its
+key/value cache is shared by the orders (where the model's cache allows).
 """
 
 from __future__ import annotations
@@ -17,9 +19,19 @@ from collections.abc import Sequence
 import torch
 
 from recsys.config import Settings
-from recsys.llm.inference import encode_prompt, next_token_logprobs
+from recsys.llm.inference import (
+    encode_prompt,
+    next_token_logprobs,
+    shared_prompt_next_token_logprobs,
+    supports_shared_prompts,
+)
 from recsys.llm.loading import LoadedModel
-from recsys.llm.prompts import VERBALIZER_ANSWER_PREFIX, VERBALIZER_LABELS, CustomerCase, verbalizer_prompt
+from recsys.llm.prompts import (
+    VERBALIZER_ANSWER_PREFIX,
+    VERBALIZER_LABELS,
+    CustomerCase,
+    verbalizer_prompt_parts,
+)
 from recsys.rankers.base import RankResult
 from recsys.rankers.common import score_dump
 from recsys.rankers.llm_common import LLMRanker, PreparedRequest
@@ -81,37 +93,60 @@ class VerbalizerRanker(LLMRanker):
         self.permutations = max(1, int(self.settings.verbalizer_permutations))
         self.labels = VERBALIZER_LABELS[: self.max_candidates]
         self.label_ids = label_token_ids(model.tokenizer, self.labels)
+        self.share_prompts = supports_shared_prompts(model)
+
+    def _label_logprobs(self, prompts: list[list[int]], endings: list[list[list[int]]]) -> list[torch.Tensor]:
+        if self.share_prompts:
+            return shared_prompt_next_token_logprobs(self.model, prompts, endings, self.label_ids)
+        sequences = [prompt + ending for prompt, tails in zip(prompts, endings, strict=True) for ending in tails]
+        flat = next_token_logprobs(self.model, sequences, self.label_ids) if sequences else None
+        split, row = [], 0
+        for tails in endings:
+            split.append(flat[row:row + len(tails)] if tails else torch.empty((0, len(self.label_ids))))
+            row += len(tails)
+        return split
 
     def _rank_prepared(self, prepared: Sequence[PreparedRequest]) -> list[RankResult]:
-        sequences: list[list[int]] = []
+        tokenizer = self.model.tokenizer
+        prompts: list[list[int]] = []
+        endings: list[list[list[int]]] = []
         plans: list[list[list[int]]] = []
-        prompt_tokens: list[int] = []
         for item in prepared:
             count = len(item.shown)
             orders = candidate_orders(count, self.permutations, request_seed(item)) if count > 1 else []
             plans.append(orders)
+            customer_part = ""
+            option_parts = []
             for order in orders:
                 case = CustomerCase(
                     history=item.case.history,
                     query=item.case.query,
                     candidates=[item.case.candidates[i] for i in order],
                 )
-                sequences.append(encode_prompt(self.model, verbalizer_prompt(case), chat=False))
-            prompt_tokens.append(sum(len(sequence) for sequence in sequences[len(sequences) - len(orders):]))
-        logprobs = next_token_logprobs(self.model, sequences, self.label_ids) if sequences else None
+                customer_part, options = verbalizer_prompt_parts(case)
+                option_parts.append(options)
+            prompts.append(encode_prompt(self.model, customer_part, chat=False))
+            endings.append(
+                tokenizer(option_parts, add_special_tokens=False)["input_ids"] if option_parts else []
+            )
+        label_logprobs = self._label_logprobs(prompts, endings)
         results = []
-        row = 0
-        for item, orders, tokens in zip(prepared, plans, prompt_tokens, strict=True):
+        for item, orders, prompt, tails, logprobs in zip(
+            prepared, plans, prompts, endings, label_logprobs, strict=True
+        ):
             count = len(item.shown)
             codes = item.shown_codes
             totals = [0.0] * count
             label_mass = []
-            for order in orders:
-                label_logprobs = logprobs[row, :count]
-                row += 1
-                label_mass.append(math.exp(float(torch.logsumexp(label_logprobs, dim=0))))
-                for position, probability in enumerate(torch.softmax(label_logprobs, dim=0).tolist()):
+            for order, row in zip(orders, logprobs, strict=True):
+                label_row = row[:count]
+                label_mass.append(math.exp(float(torch.logsumexp(label_row, dim=0))))
+                for position, probability in enumerate(torch.softmax(label_row, dim=0).tolist()):
                     totals[order[position]] += probability
+            if self.share_prompts:
+                tokens = len(prompt) + sum(len(tail) for tail in tails)
+            else:
+                tokens = sum(len(prompt) + len(tail) for tail in tails)
             if orders:
                 scores = {code: totals[i] / len(orders) for i, code in enumerate(codes)}
             else:
@@ -126,6 +161,7 @@ class VerbalizerRanker(LLMRanker):
                     info={
                         "permutations": len(orders),
                         "prompt_tokens": tokens,
+                        "shared_prompt": self.share_prompts,
                         "label_mass": round(sum(label_mass) / len(label_mass), 4) if label_mass else None,
                     },
                 )
