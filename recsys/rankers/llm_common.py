@@ -8,7 +8,10 @@ recent history items, and every text flattened to one line and cut to a few doze
 from __future__ import annotations
 
 import logging
+import re
+import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,29 +43,64 @@ class PreparedRequest:
         return [c.stock_code for c in self.shown]
 
 
+def control_token_pattern(tokenizer) -> re.Pattern | None:
+    """Matches the tokenizer's special and added tokens written out as text ("<start_of_turn>").
+
+    Untrusted text containing them would otherwise be encoded as real control tokens.
+    """
+    added = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
+    added = sorted((token for token in added if token.strip()), key=len, reverse=True)
+    return re.compile("|".join(re.escape(token) for token in added)) if added else None
+
+
 class TextShortener:
-    """Flattens texts to one line and cuts them to a token budget, remembering recent answers."""
+    """Makes untrusted text prompt-safe: one line, no control tokens, cut to a token budget.
+
+    Remembers recent answers, since the same catalog descriptions come back all the time.
+    """
 
     def __init__(self, tokenizer, cache_size: int = 50_000) -> None:
         self.tokenizer = tokenizer
         self.cache_size = cache_size
+        self.control_tokens = control_token_pattern(tokenizer)
         self._cache: dict[tuple[str, int], tuple[str, int]] = {}
+        self._lock = threading.Lock()
+
+    def defuse(self, text: str | None) -> str:
+        flat = one_line(text)
+        if self.control_tokens is not None and "<" in flat:
+            flat = one_line(self.control_tokens.sub(" ", flat))
+        return flat
 
     def shorten(self, texts: Sequence[str | None], max_tokens: int) -> list[tuple[str, int]]:
         """(shortened text, token count) per input text."""
-        flat = [one_line(text) for text in texts]
-        todo = sorted({text for text in flat if (text, max_tokens) not in self._cache})
-        if todo:
-            if len(self._cache) + len(todo) > self.cache_size:
-                self._cache.clear()
-            encoded = self.tokenizer(todo, add_special_tokens=False)["input_ids"]
-            for text, ids in zip(todo, encoded, strict=True):
-                shortened = text
-                if len(ids) > max_tokens:
-                    ids = ids[:max_tokens]
-                    shortened = one_line(self.tokenizer.decode(ids, skip_special_tokens=True))
-                self._cache[(text, max_tokens)] = (shortened, len(ids))
-        return [self._cache[(text, max_tokens)] for text in flat]
+        flat = [self.defuse(text) for text in texts]
+        with self._lock:
+            todo = sorted({text for text in flat if (text, max_tokens) not in self._cache})
+            if todo:
+                if len(self._cache) + len(todo) > self.cache_size:
+                    self._cache.clear()
+                encoded = self.tokenizer(todo, add_special_tokens=False)["input_ids"]
+                for text, ids in zip(todo, encoded, strict=True):
+                    shortened = text
+                    if len(ids) > max_tokens:
+                        ids = ids[:max_tokens]
+                        shortened = one_line(self.tokenizer.decode(ids, skip_special_tokens=True))
+                    self._cache[(text, max_tokens)] = (shortened, len(ids))
+            return [self._cache[(text, max_tokens)] for text in flat]
+
+
+_shorteners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_shorteners_lock = threading.Lock()
+
+
+def shortener_for(tokenizer) -> TextShortener:
+    """One shortener per tokenizer, so rankers made per request reuse its set-up and cache."""
+    with _shorteners_lock:
+        shortener = _shorteners.get(tokenizer)
+        if shortener is None:
+            shortener = _shorteners[tokenizer] = TextShortener(tokenizer)
+        return shortener
 
 
 class LLMRanker:
@@ -76,7 +114,7 @@ class LLMRanker:
         self.settings = settings or get_settings()
         self.model = model
         self.max_candidates = max(1, int(self.settings.max_candidates))
-        self.shortener = TextShortener(model.tokenizer)
+        self.shortener = shortener_for(model.tokenizer)
 
     @property
     def model_name(self) -> str:
