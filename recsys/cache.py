@@ -21,15 +21,19 @@ KEY_VERSION = 1
 
 
 def fingerprints(conn: Connection, customer_id: int | None) -> dict:
-    """The customer's history fingerprint and the catalog version, in one round trip."""
+    """The customer's history fingerprint and the catalog version, in one round trip.
+
+    count and max(id) share one aggregate so the planner uses the customer index (a lone
+    max(id) walks the primary key backwards: 20 ms instead of 1).
+    """
     row = conn.execute(
         text(
             """
-            SELECT (SELECT count(*) FROM purchases WHERE customer_id = :c) AS purchases,
-                   (SELECT max(id) FROM purchases WHERE customer_id = :c) AS newest_purchase,
-                   (SELECT max(id) FROM ingest_runs WHERE status = 'succeeded') AS ingest_run,
-                   (SELECT count(*) FROM products WHERE embedded_at IS NOT NULL) AS embedded,
-                   (SELECT max(embedded_at) FROM products) AS embedded_at
+            SELECT h.purchases, h.newest_purchase, c.embedded, c.embedded_at,
+                   (SELECT max(id) FROM ingest_runs WHERE status = 'succeeded') AS ingest_run
+            FROM (SELECT count(*) AS purchases, max(id) AS newest_purchase
+                  FROM purchases WHERE customer_id = :c) AS h,
+                 (SELECT count(embedded_at) AS embedded, max(embedded_at) AS embedded_at FROM products) AS c
             """
         ),
         {"c": customer_id},

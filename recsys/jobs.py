@@ -23,7 +23,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -184,6 +185,19 @@ def _owner_is_gone(owner: str | None, job_id: uuid.UUID, me: str) -> bool:
     return "\nState:\tZ" in status or "\nState:\tX" in status
 
 
+@contextmanager
+def _quick_commit(settings: Settings) -> Iterator[Connection]:
+    """A transaction whose commit does not wait for the WAL flush (~4 ms here).
+
+    For writes a database crash may lose without losing work: a lost claim, lease, result or
+    sent_at only makes the job run or be sent again. Job inserts and cancellations keep full
+    durability.
+    """
+    with get_engine(settings).begin() as conn:
+        conn.execute(text("SET LOCAL synchronous_commit TO off"))
+        yield conn
+
+
 def _ms(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
@@ -288,7 +302,7 @@ def send_job(job_id, settings: Settings | None = None, *, countdown: float | Non
     except celery_client.BrokerUnavailable as exc:
         log.warning("job %s stays queued until the sweeper re-sends it: %s", job_id, exc)
         return False
-    with get_engine(settings).begin() as conn:
+    with _quick_commit(settings) as conn:
         conn.execute(
             text("UPDATE jobs SET sent_at = now() + make_interval(secs => :delay) WHERE id = :id"),
             {"id": job_id, "delay": float(countdown or 0)},
@@ -537,15 +551,23 @@ def _claim(conn: Connection, sql: str, params: dict) -> list[_Claimed]:
 def run_job(job_id, *, worker: str, settings: Settings | None = None) -> RunOutcome:
     """Handle one job's message: claim it, drain more queued jobs into a batch, rank them together, record.
 
-    Finished jobs are left alone; a job another live worker holds asks to be retried later.
+    Finished jobs are left alone (checked first with one cheap read: most messages of a busy
+    worker find their job already ranked in an earlier batch); a job another live worker holds
+    asks to be retried later.
     """
     settings = _settings(settings)
     parsed = parse_job_id(job_id)
     if parsed is None:
         return RunOutcome(str(job_id), "missing", error=f"{job_id!r} is not a job id")
-    engine = get_engine(settings)
     params = {"id": parsed, "kind": JOB_KIND, "worker": worker, "lease": lease_seconds(settings)}
-    with engine.begin() as conn:
+    with get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        known = conn.execute(
+            text("SELECT status, result, error FROM jobs WHERE id = :id AND status IN ('succeeded', 'failed', "
+                 "'cancelled')"), {"id": parsed}
+        ).one_or_none()
+    if known is not None:
+        return RunOutcome(str(parsed), known.status, result=known.result, error=known.error)
+    with _quick_commit(settings) as conn:
         own = _claim(conn, _CLAIM_OWN, params)
         if not own:
             row = conn.execute(
@@ -565,7 +587,7 @@ def run_job(job_id, *, worker: str, settings: Settings | None = None) -> RunOutc
     _track([own[0].id], True)
     batch = own
     try:
-        batch += _drain(engine, params, settings)
+        batch += _drain(params, settings)
         outcomes = _process(batch, worker, settings)
     finally:
         _track([c.id for c in batch], False)
@@ -578,7 +600,7 @@ def run_job(job_id, *, worker: str, settings: Settings | None = None) -> RunOutc
     return mine
 
 
-def _drain(engine, params: dict, settings: Settings) -> list[_Claimed]:
+def _drain(params: dict, settings: Settings) -> list[_Claimed]:
     """Claim up to batch_size - 1 more queued jobs, waiting at most batch_wait_ms for them to arrive."""
     wanted = settings.batch_size - 1
     if wanted <= 0:
@@ -586,7 +608,7 @@ def _drain(engine, params: dict, settings: Settings) -> list[_Claimed]:
     drained: list[_Claimed] = []
     deadline = time.monotonic() + settings.batch_wait_ms / 1000
     while True:
-        with engine.begin() as conn:
+        with _quick_commit(settings) as conn:
             got = _claim(conn, _CLAIM_QUEUED, {**params, "n": wanted - len(drained)})
         _track([c.id for c in got], True)
         drained += got
@@ -650,7 +672,7 @@ def _record_successes(successes: list[tuple[_Claimed, dict]], worker: str, setti
     if not successes:
         return set()
     rows = [{"id": str(job.id), "attempts": job.attempts, "result": result} for job, result in successes]
-    with get_engine(settings).begin() as conn:
+    with _quick_commit(settings) as conn:
         ids = conn.execute(
             text(
                 """
@@ -684,7 +706,7 @@ def _record_failure(job: _Claimed, message: str, retryable: bool, worker: str, s
     if final and retryable:
         message = f"failed after {job.attempts} attempts: {message}"
     delay = backoff_seconds(job.attempts)
-    with get_engine(settings).begin() as conn:
+    with _quick_commit(settings) as conn:
         row = conn.execute(
             text(
                 """
@@ -716,7 +738,7 @@ def renew_leases(worker: str, settings: Settings | None = None) -> int:
     if not ids:
         return 0
     settings = _settings(settings)
-    with get_engine(settings).begin() as conn:
+    with _quick_commit(settings) as conn:
         return conn.execute(
             text(
                 """
