@@ -124,7 +124,7 @@ def continuation_logprobs(
                 logits_to_keep=keep,
                 use_cache=False,
             )
-            logprobs = torch.log_softmax(output.logits[:, :-1, :].float(), dim=-1)
+            logprobs = torch.log_softmax(output.logits[:, :-1, :], dim=-1, dtype=torch.float32)
             targets = input_ids[:, -(keep - 1):]
             picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
             for row, index in enumerate(chunk):
@@ -200,7 +200,7 @@ def shared_prompt_logprobs(
                 past_key_values=_cache_rows(cache, rows),
                 use_cache=True,
             )
-            logprobs = torch.log_softmax(output.logits[:, :-1, :].float(), dim=-1)
+            logprobs = torch.log_softmax(output.logits[:, :-1, :], dim=-1, dtype=torch.float32)
             following = logprobs.gather(-1, tail_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             opening = first_logprobs.index_select(0, rows).gather(1, tail_ids[:, :1]).squeeze(1)
             totals = (opening + (following * tail_mask[:, 1:]).sum(dim=1)).cpu()
