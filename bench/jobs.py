@@ -1,0 +1,234 @@
+"""End-to-end job throughput: submit → real Celery worker → succeeded. Prints JSON.
+
+    python bench/jobs.py [--retrieval-jobs 1000] [--llm-jobs 100] [--llm-batch-sizes 1,8] [--skip-llm]
+
+Scenarios: `retrieval` jobs (the worker's batch size from RECSYS_BATCH_SIZE, default 8), then
+jobs with the packaged Gemma ranker (`llm-verbalizer`), once per batch size, each with a fresh
+worker (`celery -A worker.app worker`, prefork, one child). Every request is distinct (customer,
+query), so nothing is answered from the cache. For each: jobs/s from the first submit to the last
+finished job, submit→succeeded p50/p95 from the jobs table, and how many jobs were lost (not
+succeeded when all should be: must be 0). It uses its own database (`recsys_bench_jobs`, loaded
+with the bundled file on first use) and its own Valkey on a free port. Load average is reported
+because the cores are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sqlalchemy import text
+
+from recsys import jobs, migrate, services
+from recsys.cli.jobs import worker_argv
+from recsys.config import Settings
+from recsys.db import dispose_engines, get_engine
+
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+
+BENCH_DB = "recsys_bench_jobs"
+DATA = "data/online_retail.csv.gz"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare_database(settings: Settings) -> Settings:
+    """The bench database, migrated and loaded once (ingest + embed of the bundled file)."""
+    from recsys.embedding import embed_products
+    from recsys.ingest import ingest_file
+
+    bench = settings.with_(db_name=BENCH_DB) if settings.uses_embedded_db else settings
+    if bench.uses_embedded_db:
+        services.start_postgres(bench)
+    migrate.upgrade(bench)
+    with get_engine(bench).connect() as conn:
+        purchases = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
+    if purchases == 0:
+        print(f"loading {DATA} into {BENCH_DB} (first run only) ...", file=sys.stderr)
+        ingest_file(DATA, bench)
+    embed_products(bench)
+    return bench
+
+
+def clear_jobs(settings: Settings) -> None:
+    with get_engine(settings).begin() as conn:
+        conn.execute(text("DELETE FROM jobs"))
+        conn.execute(text("DELETE FROM result_cache"))
+
+
+def workload(settings: Settings, count: int, ranker: str, seed: int) -> list[dict]:
+    """Distinct requests: customers with history, queries made of product type words (the notebook's style)."""
+    with get_engine(settings).connect() as conn:
+        customers = conn.execute(
+            text("SELECT customer_id FROM customers WHERE purchase_count >= 5 ORDER BY customer_id")
+        ).scalars().all()
+        descriptions = conn.execute(
+            text("SELECT description FROM products WHERE NOT is_non_product AND embedding IS NOT NULL "
+                 "ORDER BY stock_code")
+        ).scalars().all()
+    rng = random.Random(seed)
+    queries = sorted({" ".join(d.split()[-2:]) for d in descriptions if len(d.split()) >= 2})
+    pairs: set[tuple[int, str]] = set()
+    while len(pairs) < count:
+        pairs.add((rng.choice(customers), rng.choice(queries)))
+    ordered = sorted(pairs, key=lambda _: rng.random())
+    return [{"customer_id": c, "query": q, "k": 10, "ranker": ranker} for c, q in ordered]
+
+
+class Worker:
+    def __init__(self, settings: Settings, log_path: Path, pool: str = "prefork", concurrency: int = 1,
+                 **env: str) -> None:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "DATABASE_URL", "CELERY_"))}
+        environment.update(services.service_env(settings))
+        environment.update({"RECSYS_HOME": str(settings.home), "RECSYS_MODEL_CACHE": str(settings.models_dir),
+                            "RECSYS_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                            **env})
+        self.settings = settings
+        self.log = open(log_path, "ab")  # noqa: SIM115  (closed in stop)
+        argv = worker_argv(settings, beat=False, pool=pool, concurrency=concurrency,
+                           name=f"bench-{os.getpid()}-{time.monotonic_ns()}@%h", loglevel="WARNING")
+        self.proc = subprocess.Popen(argv, env=environment, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}; see {self.log.name}")
+            if any(w.get("ready") for w in jobs.worker_status(self.settings)["workers"]):
+                return
+            time.sleep(0.2)
+        raise TimeoutError("worker not ready")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str, str], args, log_dir: Path) -> dict:
+    clear_jobs(settings)
+    import redis
+
+    redis.Redis.from_url(settings.celery_broker_url).flushall()
+    worker = Worker(settings, log_dir / f"worker-{len(list(log_dir.iterdir()))}.log", args.pool, args.concurrency,
+                    **worker_env)
+    try:
+        worker.wait_ready()
+        load_before = os.getloadavg()[0]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.submit_threads) as pool:
+            outcomes = list(pool.map(lambda r: jobs.submit_recommendation(r, settings=settings), requests))
+        submitted = time.perf_counter()
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            open_jobs = jobs.count_jobs("queued", settings) + jobs.count_jobs("running", settings)
+            if open_jobs == 0:
+                break
+            time.sleep(0.05)
+        with get_engine(settings).connect() as conn:
+            row = conn.execute(text(
+                """
+                SELECT count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+                       extract(epoch FROM max(finished_at) - min(created_at)) AS span,
+                       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
+                           AS p50,
+                       percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
+                           AS p95,
+                       avg((result->>'batch_size')::int) AS mean_batch
+                FROM jobs
+                """
+            )).one()
+        load_after = os.getloadavg()[0]
+    finally:
+        worker.stop()
+    lost = len(requests) - row.succeeded
+    return {
+        "jobs": len(requests),
+        "cached_at_submit": sum(o.cached for o in outcomes),
+        "succeeded": row.succeeded,
+        "lost": lost,
+        "submit_seconds": round(submitted - started, 2),
+        "submits_per_second": round(len(requests) / (submitted - started), 1),
+        "end_to_end_seconds": round(float(row.span), 2) if row.span else None,
+        "jobs_per_second": round(row.succeeded / float(row.span), 1) if row.span else None,
+        "p50_ms": round(float(row.p50) * 1000, 1) if row.p50 is not None else None,
+        "p95_ms": round(float(row.p95) * 1000, 1) if row.p95 is not None else None,
+        "mean_batch": round(float(row.mean_batch), 2) if row.mean_batch is not None else None,
+        "load_average_1m": [round(load_before, 2), round(load_after, 2)],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--retrieval-jobs", type=int, default=1000)
+    parser.add_argument("--retrieval-batch-size", type=int, default=None, help="default RECSYS_BATCH_SIZE")
+    parser.add_argument("--llm-jobs", type=int, default=100)
+    parser.add_argument("--llm-batch-sizes", default="1,8")
+    parser.add_argument("--skip-llm", action="store_true")
+    parser.add_argument("--submit-threads", type=int, default=4, help="like a web server's request threads")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one scenario")
+    parser.add_argument("--pool", default="prefork", choices=["prefork", "solo"])
+    parser.add_argument("--concurrency", type=int, default=1, help="worker processes (prefork children)")
+    args = parser.parse_args()
+
+    base = Settings.from_env()
+    bench = prepare_database(base)
+    home = Path(tempfile.mkdtemp(prefix="recsys-bench-jobs-"))
+    broker = Settings(home=home, broker_port=free_port())
+    services.start_broker(broker)
+    settings = bench.with_(broker_port=broker.broker_port, broker_url=broker.celery_broker_url)
+    report: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "worker": f"celery {args.pool}, concurrency {args.concurrency}",
+        "submit_threads": args.submit_threads,
+    }
+    try:
+        batch = args.retrieval_batch_size or settings.batch_size
+        report["retrieval"] = run_scenario(
+            settings, workload(settings, args.retrieval_jobs, "retrieval", 1),
+            {"RECSYS_BATCH_SIZE": str(batch)}, args, home,
+        ) | {"batch_size": batch}
+        if not args.skip_llm:
+            from recsys.llm.loading import prepare_model
+
+            prepare_model(settings)
+            requests = workload(settings, args.llm_jobs, "llm-verbalizer", 2)
+            for size in [int(s) for s in args.llm_batch_sizes.split(",")]:
+                report[f"llm-verbalizer_batch_{size}"] = run_scenario(
+                    settings, requests, {"RECSYS_BATCH_SIZE": str(size), "RECSYS_RANKER": "llm-verbalizer"},
+                    args, home,
+                ) | {"batch_size": size, "model": settings.llm_model}
+    finally:
+        clear_jobs(settings)
+        dispose_engines()
+        services.stop_broker(broker)
+        shutil.rmtree(home, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
