@@ -302,11 +302,14 @@ def send_job(job_id, settings: Settings | None = None, *, countdown: float | Non
     except celery_client.BrokerUnavailable as exc:
         log.warning("job %s stays queued until the sweeper re-sends it: %s", job_id, exc)
         return False
-    with _quick_commit(settings) as conn:
-        conn.execute(
-            text("UPDATE jobs SET sent_at = now() + make_interval(secs => :delay) WHERE id = :id"),
-            {"id": job_id, "delay": float(countdown or 0)},
-        )
+    try:
+        with _quick_commit(settings) as conn:
+            conn.execute(
+                text("UPDATE jobs SET sent_at = now() + make_interval(secs => :delay) WHERE id = :id"),
+                {"id": job_id, "delay": float(countdown or 0)},
+            )
+    except Exception as exc:
+        log.warning("job %s was sent but its sent_at was not recorded: %s", job_id, _readable(exc))
     return True
 
 
