@@ -590,7 +590,7 @@ def run_job(job_id, *, worker: str, settings: Settings | None = None) -> RunOutc
     _track([own[0].id], True)
     batch = own
     try:
-        batch += _drain(params, settings)
+        _drain(batch, params, settings)
         outcomes = _process(batch, worker, settings)
     finally:
         _track([c.id for c in batch], False)
@@ -603,21 +603,20 @@ def run_job(job_id, *, worker: str, settings: Settings | None = None) -> RunOutc
     return mine
 
 
-def _drain(params: dict, settings: Settings) -> list[_Claimed]:
-    """Claim up to batch_size - 1 more queued jobs, waiting at most batch_wait_ms for them to arrive."""
-    wanted = settings.batch_size - 1
-    if wanted <= 0:
-        return []
-    drained: list[_Claimed] = []
+def _drain(batch: list[_Claimed], params: dict, settings: Settings) -> None:
+    """Claim queued jobs into `batch` until it holds batch_size, waiting at most batch_wait_ms for them to arrive.
+
+    Appends as it goes, so the caller releases every claimed job even if a later claim fails.
+    """
     deadline = time.monotonic() + settings.batch_wait_ms / 1000
-    while True:
+    while len(batch) < settings.batch_size:
         with _quick_commit(settings) as conn:
-            got = _claim(conn, _CLAIM_QUEUED, {**params, "n": wanted - len(drained)})
+            got = _claim(conn, _CLAIM_QUEUED, {**params, "n": settings.batch_size - len(batch)})
         _track([c.id for c in got], True)
-        drained += got
+        batch += got
         remaining = deadline - time.monotonic()
-        if len(drained) >= wanted or remaining <= 0:
-            return drained
+        if len(batch) >= settings.batch_size or remaining <= 0:
+            return
         time.sleep(min(POLL_SECONDS, remaining))
 
 
