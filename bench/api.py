@@ -26,9 +26,10 @@ import uuid
 import warnings
 from pathlib import Path
 
+from common import clear_jobs, free_port, loaded_database
 from sqlalchemy import text
 
-from recsys import auth, jobs, migrate, services
+from recsys import auth, jobs, services
 from recsys.cli.web import gunicorn_argv
 from recsys.config import Settings
 from recsys.db import dispose_engines, get_engine
@@ -36,7 +37,6 @@ from recsys.db import dispose_engines, get_engine
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 BENCH_DB = "recsys_bench_api"
-DATA = "data/online_retail.csv.gz"
 CACHED = {"customer_id": 15781, "query": "BAG CHARM", "k": 3, "ranker": "retrieval"}
 
 SUBMIT_LUA = """
@@ -55,32 +55,9 @@ end
 """
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def prepare_database(settings: Settings) -> Settings:
-    """The bench database, migrated and loaded once (ingest + embed of the bundled file)."""
-    from recsys.embedding import embed_products
-    from recsys.ingest import ingest_file
-
-    bench = settings.with_(db_name=BENCH_DB) if settings.uses_embedded_db else settings
-    if bench.uses_embedded_db:
-        services.start_postgres(bench)
-    migrate.upgrade(bench)
-    with get_engine(bench).connect() as conn:
-        purchases = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
-    if purchases == 0:
-        print(f"loading {DATA} into {BENCH_DB} (first run only) ...", file=sys.stderr)
-        ingest_file(DATA, bench)
-    embed_products(bench)
-    with get_engine(bench).begin() as conn:
-        conn.execute(text("DELETE FROM jobs"))
-        conn.execute(text("DELETE FROM result_cache"))
+    bench = loaded_database(settings, BENCH_DB)
+    clear_jobs(bench)
     return bench
 
 

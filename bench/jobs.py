@@ -21,16 +21,16 @@ import platform
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import clear_jobs, free_port, loaded_database
 from sqlalchemy import text
 
-from recsys import jobs, migrate, services
+from recsys import jobs, services
 from recsys.cli.jobs import worker_argv
 from recsys.config import Settings
 from recsys.db import dispose_engines, get_engine
@@ -38,39 +38,6 @@ from recsys.db import dispose_engines, get_engine
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 BENCH_DB = "recsys_bench_jobs"
-DATA = "data/online_retail.csv.gz"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def prepare_database(settings: Settings) -> Settings:
-    """The bench database, migrated and loaded once (ingest + embed of the bundled file)."""
-    from recsys.embedding import embed_products
-    from recsys.ingest import ingest_file
-
-    bench = settings.with_(db_name=BENCH_DB) if settings.uses_embedded_db else settings
-    if bench.uses_embedded_db:
-        services.start_postgres(bench)
-    migrate.upgrade(bench)
-    with get_engine(bench).connect() as conn:
-        purchases = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
-    if purchases == 0:
-        print(f"loading {DATA} into {BENCH_DB} (first run only) ...", file=sys.stderr)
-        ingest_file(DATA, bench)
-    embed_products(bench)
-    return bench
-
-
-def clear_jobs(settings: Settings) -> None:
-    with get_engine(settings).begin() as conn:
-        conn.execute(text("DELETE FROM jobs"))
-        conn.execute(text("DELETE FROM result_cache"))
 
 
 def workload(settings: Settings, count: int, ranker: str, seed: int) -> list[dict]:
@@ -196,7 +163,7 @@ def main() -> None:
     args = parser.parse_args()
 
     base = Settings.from_env()
-    bench = prepare_database(base)
+    bench = loaded_database(base, BENCH_DB)
     home = Path(tempfile.mkdtemp(prefix="recsys-bench-jobs-"))
     broker = Settings(home=home, broker_port=free_port())
     services.start_broker(broker)
