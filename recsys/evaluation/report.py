@@ -42,6 +42,12 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if value < 10 else f"{value:,.0f}"
+
+
 def _delta(diff: dict | None) -> str:
     if not diff:
         return "–"
@@ -58,7 +64,7 @@ def task_table(task: dict) -> str:
         cells = [name, str(result["cases"])]
         cells += [_fmt(segments[segment].get(metric)) for _, segment, metric in TABLE_COLUMNS]
         cells.append(_delta(result.get("vs_retrieval_ndcg@10")))
-        cells += [_fmt(result["latency_ms"]["p50"], 1), _fmt(result["latency_ms"]["p95"], 1)]
+        cells += [_ms(result["latency_ms"]["p50"]), _ms(result["latency_ms"]["p95"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
