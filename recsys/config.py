@@ -51,7 +51,7 @@ class Settings:
     model_cache: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
-    ranker: str = "llm-verbalizer"
+    ranker: str = "copurchase"
     max_candidates: int = 20
     verbalizer_permutations: int = 3
     batch_size: int = 8
