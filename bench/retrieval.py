@@ -716,10 +716,13 @@ def compare(rows: list[dict]) -> list[dict]:
 
 
 def goal(rows: list[dict], recall: float = 0.95, p50_ms: float = 5.0) -> dict:
-    ok = [r for r in rows if r["method"] == "pgvector hnsw" and r["recall_at_10"] >= recall and r["p50_ms"] <= p50_ms]
+    target = f"pgvector HNSW recall@10 >= {recall} with p50 <= {p50_ms} ms, one client"
+    hnsw = [r for r in rows if r["method"] == "pgvector hnsw"]
+    if not hnsw:
+        return {"target": target, "met": None, "why": "no pgvector HNSW index was measured (see build)"}
+    ok = [r for r in hnsw if r["recall_at_10"] >= recall and r["p50_ms"] <= p50_ms]
     best = min(ok, key=lambda r: r["p50_ms"]) if ok else None
-    return {"target": f"pgvector HNSW recall@10 >= {recall} with p50 <= {p50_ms} ms, one client",
-            "met": bool(ok), "at_ef": best["ef"] if best else None,
+    return {"target": target, "met": bool(ok), "at_ef": best["ef"] if best else None,
             "recall_at_10": best["recall_at_10"] if best else None, "p50_ms": best["p50_ms"] if best else None}
 
 
@@ -731,6 +734,14 @@ def table(results: dict) -> str:
             lines.append(" | ".join(str(x) for x in (
                 f"{name} ({size['dataset']['items']:,})", r["method"], r.get("ef") or "-", r["recall_at_10"],
                 r["p50_ms"], r["p95_ms"], r.get("qps"), r.get("build_seconds", "-"), r.get("index_mb", "-"))))
+        build = size.get("pgvector", {}).get("build", {})
+        if build.get("timed_out"):
+            done = (build.get("progress_at_timeout") or {}).get("tuples_done")
+            lines.append(" | ".join(str(x) for x in (
+                f"{name} ({size['dataset']['items']:,})", "pgvector hnsw", "-",
+                f"not measured: build stopped at {build['timeout_seconds']} s with {done or 0:,} tuples in; "
+                f"~{build.get('extrapolated_build_seconds', '?')} s extrapolated", "-", "-", "-",
+                f">{build['timeout_seconds']}", "-")))
     return "\n".join(lines)
 
 
@@ -836,8 +847,10 @@ def main() -> None:
         results["sizes"][data.name] = entry
         del data
         gc.collect()
-    largest = max(results["sizes"].values(), key=lambda e: e["dataset"]["items"], default=None)
-    results["goal_at_largest_size"] = largest["goal"] if largest else None
+    measured = [(name, e) for name, e in results["sizes"].items() if e["goal"]["met"] is not None]
+    if measured:
+        name, largest = max(measured, key=lambda item: item[1]["dataset"]["items"])
+        results["goal_at_largest_size"] = {"size": name, **largest["goal"]}
     results["seconds"] = round(time.perf_counter() - started_all, 1)
     results["table"] = table(results).splitlines()
     text = json.dumps(results, indent=2)
