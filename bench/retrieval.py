@@ -21,7 +21,14 @@ Queries: for the real catalogs, a random sample of the catalog's own vectors; th
 excluded (k+1 neighbours are fetched and the query's own id dropped). For synthetic data,
 held-out vectors from the same distribution that are not in the index. Recall counts a returned
 item as a hit when its similarity reaches the true 10th neighbour's (less 1e-5), so exact
-duplicates (ties) do not count against an engine.
+duplicates (ties) do not count against an engine. With a self-match to drop, an ef below k+1 is
+raised to k+1 for both engines (`ef_effective`).
+
+pgvector HNSW rows run with enable_seqscan=off: on a small table the planner prices a seq scan
+below the index at high ef_search (`planner_picks_index_by_default` says what it would do).
+hnswlib also runs at --hnswlib-extra-ef, so that its latency can be interpolated at pgvector's
+recall. A pgvector build still running after --build-timeout (30 min) is cancelled; the JSON
+then has its progress and an extrapolated build time.
 
 Clients: pgvector clients are threads in this process, each with its own connection (psycopg
 releases the GIL while it waits on the server). hnswlib clients are threads calling
