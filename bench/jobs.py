@@ -1,10 +1,11 @@
 """End-to-end job throughput: submit → real Celery worker → succeeded. Prints JSON.
 
-    python bench/jobs.py [--retrieval-jobs 1000] [--llm-jobs 100] [--llm-batch-sizes 1,8] [--skip-llm]
+    python bench/jobs.py [--retrieval-jobs 1000] [--llm-jobs 100] [--llm-ranker llm-verbalizer]
+                         [--llm-batch-sizes 1,8] [--skip-llm]
 
-Scenarios: `retrieval` jobs (the worker's batch size from RECSYS_BATCH_SIZE, default 8), then
-jobs with the packaged Gemma ranker (`llm-verbalizer`), once per batch size, each with a fresh
-worker (`celery -A worker.app worker`, prefork, one child). Every request is distinct (customer,
+Scenarios: `retrieval` jobs (the worker's batch size from RECSYS_BATCH_SIZE, default 32), then
+jobs with the packaged Gemma ranker (`--llm-ranker`, default `llm-verbalizer`), once per batch
+size, each with a fresh worker (`celery -A worker.app worker`, prefork, one child). Every request is distinct (customer,
 query), so nothing is answered from the cache. For each: jobs/s from the first submit to the last
 finished job, submit→succeeded p50/p95 from the jobs table, and how many jobs were lost (not
 succeeded when all should be: must be 0). It uses its own database (`recsys_bench_jobs`, loaded
@@ -34,6 +35,7 @@ from recsys import jobs, services
 from recsys.cli.jobs import worker_argv
 from recsys.config import Settings
 from recsys.db import dispose_engines, get_engine
+from recsys.rankers import LLM_RANKER_NAMES
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
@@ -155,6 +157,7 @@ def main() -> None:
     parser.add_argument("--retrieval-batch-size", type=int, default=None, help="default RECSYS_BATCH_SIZE")
     parser.add_argument("--llm-jobs", type=int, default=100)
     parser.add_argument("--llm-batch-sizes", default="1,8")
+    parser.add_argument("--llm-ranker", default="llm-verbalizer", choices=LLM_RANKER_NAMES)
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument("--submit-threads", type=int, default=4, help="like a web server's request threads")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one scenario")
@@ -183,10 +186,10 @@ def main() -> None:
             from recsys.llm.loading import prepare_model
 
             prepare_model(settings)
-            requests = workload(settings, args.llm_jobs, "llm-verbalizer", 2)
+            requests = workload(settings, args.llm_jobs, args.llm_ranker, 2)
             for size in [int(s) for s in args.llm_batch_sizes.split(",")]:
-                report[f"llm-verbalizer_batch_{size}"] = run_scenario(
-                    settings, requests, {"RECSYS_BATCH_SIZE": str(size), "RECSYS_RANKER": "llm-verbalizer"},
+                report[f"{args.llm_ranker}_batch_{size}"] = run_scenario(
+                    settings, requests, {"RECSYS_BATCH_SIZE": str(size), "RECSYS_RANKER": args.llm_ranker},
                     args, home,
                 ) | {"batch_size": size, "model": settings.llm_model}
     finally:

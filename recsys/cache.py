@@ -54,6 +54,7 @@ def cache_key(conn: Connection, request: RecommendationRequest, settings: Settin
         "model": model,
         "prompt_version": prompt_version,
         "embedding_model": settings.embedding_model,
+        "query_dtype": settings.query_dtype,
         "retrieve_k": settings.retrieve_k,
         "ef_search": settings.ef_search,
         "max_candidates": settings.max_candidates,

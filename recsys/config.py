@@ -45,6 +45,7 @@ class Settings:
     broker_port: int = 6390
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_batch_size: int = 128
+    query_dtype: str = "auto"
     ef_search: int = 100
     retrieve_k: int = 100
     llm_model: str = "packaged:gemma-3-270m"
@@ -54,10 +55,11 @@ class Settings:
     ranker: str = "copurchase"
     max_candidates: int = 20
     verbalizer_permutations: int = 3
-    batch_size: int = 8
+    batch_size: int = 32
     batch_wait_ms: int = 50
     job_max_attempts: int = 3
     job_stale_seconds: int = 60
+    job_time_limit: int = 600
     web_host: str = "127.0.0.1"
     web_port: int = 8000
     secret_key: str | None = None
@@ -75,6 +77,7 @@ class Settings:
             broker_port=_int("RECSYS_BROKER_PORT", cls.broker_port),
             embedding_model=_env("RECSYS_EMBEDDING_MODEL", cls.embedding_model),
             embedding_batch_size=_int("RECSYS_EMBEDDING_BATCH_SIZE", cls.embedding_batch_size),
+            query_dtype=_env("RECSYS_QUERY_DTYPE", cls.query_dtype),
             ef_search=_int("RECSYS_EF_SEARCH", cls.ef_search),
             retrieve_k=_int("RECSYS_RETRIEVE_K", cls.retrieve_k),
             llm_model=_env("RECSYS_LLM_MODEL", cls.llm_model),
@@ -88,6 +91,7 @@ class Settings:
             batch_wait_ms=_int("RECSYS_BATCH_WAIT_MS", cls.batch_wait_ms),
             job_max_attempts=_int("RECSYS_JOB_MAX_ATTEMPTS", cls.job_max_attempts),
             job_stale_seconds=_int("RECSYS_JOB_STALE_SECONDS", cls.job_stale_seconds),
+            job_time_limit=_int("RECSYS_JOB_TIME_LIMIT", cls.job_time_limit),
             web_host=_env("RECSYS_WEB_HOST", cls.web_host),
             web_port=_int("RECSYS_WEB_PORT", cls.web_port),
             secret_key=_env("RECSYS_SECRET_KEY"),

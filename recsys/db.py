@@ -25,15 +25,28 @@ def database_url(settings: Settings) -> str:
     return embedded_database_url(settings)
 
 
+def _engine_key(settings: Settings) -> str:
+    """Which database the settings name, without touching the disk (the embedded socket is found once)."""
+    if settings.database_url:
+        return settings.sqlalchemy_url
+    return f"embedded:{settings.pgdata}:{settings.db_name}"
+
+
 def get_engine(settings: Settings | None = None) -> Engine:
-    """The process's engine for these settings; a forked child gets its own pool."""
+    """The process's engine for these settings; a forked child gets its own pool.
+
+    Called on every database access, so the lookup is a dict read: the URL (for the embedded
+    server, found from its postmaster.pid) is worked out only when the engine is made.
+    """
     settings = settings or get_settings()
-    url = database_url(settings)
-    key = (os.getpid(), url)
+    key = (os.getpid(), _engine_key(settings))
+    engine = _engines.get(key)
+    if engine is not None:
+        return engine
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            engine = create_engine(database_url(settings), pool_pre_ping=True, pool_size=5, max_overflow=10)
             _engines[key] = engine
         return engine
 

@@ -11,6 +11,7 @@ import io
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,8 +26,13 @@ log = logging.getLogger(__name__)
 
 PACKAGED_MINILM_NAMES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "packaged:all-minilm-l6-v2"}
 
+QUERY_CACHE_SIZE = 10_000
+
 _models: dict[str, object] = {}
 _lock = threading.Lock()
+_query_vectors: OrderedDict[tuple[str, bool, str], np.ndarray] = OrderedDict()
+_query_lock = threading.Lock()
+_bf16_support: bool | None = None
 
 
 class EmbeddingError(RuntimeError):
@@ -70,24 +76,89 @@ def load_model(name: str):
         return model
 
 
-def encode(texts: Sequence[str], settings: Settings | None = None, batch_size: int | None = None) -> np.ndarray:
-    """Normalized float32 embeddings, one row per text."""
+def encode(
+    texts: Sequence[str], settings: Settings | None = None, batch_size: int | None = None, bfloat16: bool = False
+) -> np.ndarray:
+    """Normalized float32 embeddings, one row per text; `bfloat16` runs the matrix products in bf16."""
     settings = settings or get_settings()
     model = load_model(settings.embedding_model)
-    vectors = model.encode(
-        list(texts),
-        batch_size=batch_size or settings.embedding_batch_size,
-        normalize_embeddings=True,
-        convert_to_numpy=True,
-        show_progress_bar=False,
-    )
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+        vectors = model.encode(
+            list(texts),
+            batch_size=batch_size or settings.embedding_batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
     return np.asarray(vectors, dtype=np.float32)
+
+
+QUERY_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def query_dtype(settings: Settings) -> str:
+    """The precision queries are encoded in: RECSYS_QUERY_DTYPE, where `auto` means bfloat16 on a CPU with
+    native bf16 instructions and float32 elsewhere.
+
+    Queries are short, so their encoding is all matrix products: bf16 halves it (1.37 → 0.61 ms a
+    query in batches of 32 on this machine's AVX-512 BF16 core) while cosine similarity to the
+    float32 vector stays above 0.9999. The catalog itself is always embedded in float32.
+    """
+    if settings.query_dtype not in QUERY_DTYPES:
+        choices = ", ".join(QUERY_DTYPES)
+        raise EmbeddingError(f"RECSYS_QUERY_DTYPE must be one of {choices}, got {settings.query_dtype!r}")
+    if settings.query_dtype != "auto":
+        return settings.query_dtype
+    return "bfloat16" if _cpu_has_bf16() else "float32"
+
+
+def _cpu_has_bf16() -> bool:
+    global _bf16_support
+    if _bf16_support is None:
+        import torch
+
+        try:
+            _bf16_support = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            _bf16_support = False
+    return _bf16_support
 
 
 def encode_query(query: str, settings: Settings | None = None) -> np.ndarray:
     if not query or not query.strip():
         raise ValueError("query text is empty")
-    return encode([query.strip()], settings)[0]
+    return encode_queries([query.strip()], settings)[0]
+
+
+def encode_queries(queries: Sequence[str], settings: Settings | None = None) -> np.ndarray:
+    """`encode` for search queries, remembering the last QUERY_CACHE_SIZE per process.
+
+    Shops send the same few thousand queries over and over; a repeated one costs a dict lookup
+    instead of a transformer pass (about 1.3 ms each in a batch on this CPU).
+    """
+    settings = settings or get_settings()
+    model = settings.embedding_model
+    bfloat16 = query_dtype(settings) == "bfloat16"
+    vectors: list[np.ndarray | None] = []
+    with _query_lock:
+        for query in queries:
+            vector = _query_vectors.get((model, bfloat16, query))
+            if vector is not None:
+                _query_vectors.move_to_end((model, bfloat16, query))
+            vectors.append(vector)
+    missing = list(dict.fromkeys(q for q, v in zip(queries, vectors, strict=True) if v is None))
+    if missing:
+        fresh = dict(zip(missing, encode(missing, settings, bfloat16=bfloat16), strict=True))
+        with _query_lock:
+            for query, vector in fresh.items():
+                vector.setflags(write=False)
+                _query_vectors[(model, bfloat16, query)] = vector
+            while len(_query_vectors) > QUERY_CACHE_SIZE:
+                _query_vectors.popitem(last=False)
+        vectors = [fresh[q] if v is None else v for q, v in zip(queries, vectors, strict=True)]
+    return np.stack(vectors) if vectors else np.empty((0, EMBEDDING_DIM), dtype=np.float32)
 
 
 def vector_literal(vector: Sequence[float]) -> str:

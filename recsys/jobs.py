@@ -128,8 +128,18 @@ def _jsonable(value):
     return str(value)
 
 
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
 def _dumps(value) -> str:
-    return json.dumps(_jsonable(value))
+    """JSON for jsonb: the fast path first, the cleaning copy only when a NaN or infinity is in the way."""
+    try:
+        return json.dumps(value, allow_nan=False, default=_json_default)
+    except (ValueError, TypeError):
+        return json.dumps(_jsonable(value))
 
 
 def _readable(exc: BaseException) -> str:
@@ -264,8 +274,8 @@ def submit_recommendation(
         inserted = conn.execute(
             text(
                 """
-                INSERT INTO jobs (id, kind, status, request, cache_key, idempotency_key)
-                VALUES (:id, :kind, 'queued', CAST(:request AS jsonb), :cache_key, :idem)
+                INSERT INTO jobs (id, kind, status, request, cache_key, idempotency_key, sent_at)
+                VALUES (:id, :kind, 'queued', CAST(:request AS jsonb), :cache_key, :idem, now())
                 ON CONFLICT (idempotency_key) DO NOTHING
                 RETURNING id
                 """
@@ -278,7 +288,7 @@ def submit_recommendation(
             if existing is not None:
                 return existing
             raise RuntimeError(f"job with idempotency key {idempotency_key!r} vanished while submitting")
-    send_job(job_id, settings)
+    send_job(job_id, settings, sent_at_recorded=True)
     return SubmitOutcome(job_id=job_id, status="queued", result=None, cached=False, created=True)
 
 
@@ -294,23 +304,40 @@ def _existing_for_key(conn: Connection, idempotency_key: str, stored_request: di
     return SubmitOutcome(job_id=row.id, status=row.status, result=result, cached=False, created=False)
 
 
-def send_job(job_id, settings: Settings | None = None, *, countdown: float | None = None) -> bool:
-    """Send the job's Celery message and record when; False (logged) when the broker did not take it."""
+def send_job(
+    job_id, settings: Settings | None = None, *, countdown: float | None = None, sent_at_recorded: bool = False
+) -> bool:
+    """Send the job's Celery message and record when; False (logged) when the broker did not take it.
+
+    `sent_at_recorded`: the caller already wrote sent_at with the job row (a submit saves a
+    transaction that way); it is cleared again if the broker refuses the message.
+    """
     settings = _settings(settings)
     try:
         celery_client.send_rerank(str(job_id), settings, countdown=countdown)
     except celery_client.BrokerUnavailable as exc:
         log.warning("job %s stays queued until the sweeper re-sends it: %s", job_id, exc)
+        if sent_at_recorded:
+            _set_sent_at(job_id, None, settings)
         return False
+    if not sent_at_recorded:
+        _set_sent_at(job_id, float(countdown or 0), settings)
+    return True
+
+
+def _set_sent_at(job_id, delay: float | None, settings: Settings) -> None:
+    """sent_at = now() + delay, or NULL for a message the broker never took."""
     try:
         with _quick_commit(settings) as conn:
             conn.execute(
-                text("UPDATE jobs SET sent_at = now() + make_interval(secs => :delay) WHERE id = :id"),
-                {"id": job_id, "delay": float(countdown or 0)},
+                text(
+                    "UPDATE jobs SET sent_at = CASE WHEN CAST(:delay AS float8) IS NULL THEN NULL "
+                    "ELSE now() + make_interval(secs => :delay) END WHERE id = :id"
+                ),
+                {"id": job_id, "delay": delay},
             )
     except Exception as exc:
-        log.warning("job %s was sent but its sent_at was not recorded: %s", job_id, _readable(exc))
-    return True
+        log.warning("job %s: its sent_at was not recorded: %s", job_id, _readable(exc))
 
 
 # ---------------------------------------------------------------- reading

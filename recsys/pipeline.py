@@ -1,11 +1,13 @@
 """The four-stage recommendation pipeline: retrieve, filter, rank, order.
 
-1. retrieve `RECSYS_RETRIEVE_K` candidates by query embedding (or, without query text, by
-   the mean embedding of the customer's recent purchases);
-2. filter: non-products always, what the customer already bought when asked (in SQL, with
-   iterative HNSW scans so k rows still come back);
+1. retrieve candidates by query embedding (or, without query text, by the mean embedding of
+   the customer's recent purchases): max(k, `RECSYS_MAX_CANDIDATES`) of them, at most
+   `RECSYS_RETRIEVE_K`;
+2. filter: non-products always, what the customer already bought when asked. The filters run
+   inside the index scan (SQL, iterative HNSW scans), so every retrieved row survives them and
+   nothing is fetched only to be thrown away;
 3. rank the top `RECSYS_MAX_CANDIDATES` with the chosen ranker;
-4. order and cut to k.
+4. order: the ranked window first, then (when k is larger) the rest in retrieval order; cut to k.
 
 Requests are ranked in batches: one `Ranker.rank` call per ranker for a whole batch, which is
 what lets a GPU worker see full batches.
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from recsys.config import Settings, get_settings
-from recsys.embedding import encode
+from recsys.embedding import encode_queries
 from recsys.rankers import (
     RANKER_NAMES,
     Candidate,
@@ -31,7 +33,7 @@ from recsys.rankers import (
     get_ranker,
     is_llm_ranker,
 )
-from recsys.retrieval import DatabaseItemStats, history, history_vector, search_by_vector
+from recsys.retrieval import DatabaseItemStats, history_vectors, recent_histories, search_many
 
 log = logging.getLogger(__name__)
 
@@ -191,42 +193,59 @@ def recommend_batch(
 
 
 def _prepare(requests: Sequence[RecommendationRequest], settings: Settings) -> list[_Prepared]:
-    """Stages 1–2 for each request: history, query vector, filtered candidates."""
-    started = time.perf_counter()
+    """Stages 1–2 for the whole batch: histories, query vectors and filtered candidates.
+
+    Each stage is one SQL statement (or one encoder pass) for every request together, so a batch
+    of 32 costs about as many round trips as a single request. Stage times are per request.
+    """
+    count = len(requests)
+    customers = sorted({r.customer_id for r in requests if r.customer_id is not None})
+    t0 = time.perf_counter()
+    histories = recent_histories(customers, HISTORY_ITEMS, settings)
+    history_ms = (time.perf_counter() - t0) * 1000 / count
+
+    t0 = time.perf_counter()
     queries = [r.query for r in requests if r.query]
-    query_vectors = iter(encode(queries, settings)) if queries else iter(())
-    embed_ms = (time.perf_counter() - started) * 1000 / max(len(queries), 1)
-    prepared = []
+    query_vectors = dict(zip(queries, encode_queries(queries, settings), strict=True)) if queries else {}
+    without_query = sorted({r.customer_id for r in requests if not r.query and histories.get(r.customer_id)})
+    mean_vectors = history_vectors(without_query, HISTORY_ITEMS, settings) if without_query else {}
+    embed_ms = (time.perf_counter() - t0) * 1000 / count
+
+    vectors = []
     for request in requests:
-        timings: dict[str, float] = {}
+        vector = query_vectors[request.query] if request.query else mean_vectors.get(request.customer_id)
+        if vector is None:
+            raise RequestError(f"customer {request.customer_id} has no purchases and the request has no query text")
+        vectors.append(vector)
+    wanted = [min(max(r.k, settings.max_candidates), settings.retrieve_k) for r in requests]
+    t0 = time.perf_counter()
+    hits = search_many(
+        vectors,
+        max(wanted),
+        settings,
+        exclude_customers=[r.customer_id if r.exclude_purchased else None for r in requests],
+    )
+    retrieve_ms = (time.perf_counter() - t0) * 1000 / count
+
+    prepared = []
+    for request, found, count in zip(requests, hits, wanted, strict=True):
+        bought = histories.get(request.customer_id, []) if request.customer_id is not None else []
         notes: list[str] = []
-        t0 = time.perf_counter()
-        bought = history(request.customer_id, HISTORY_ITEMS, "recent", settings) if request.customer_id else []
-        history_items = [HistoryItem(h.stock_code, h.description) for h in bought]
-        timings["history_ms"] = (time.perf_counter() - t0) * 1000
-        cold_start = request.customer_id is not None and not history_items
+        cold_start = request.customer_id is not None and not bought
         if cold_start:
             notes.append(f"customer {request.customer_id} has no purchases: ranked without history")
-        if request.query:
-            vector = next(query_vectors)
-            timings["embed_ms"] = embed_ms
-        else:
-            t0 = time.perf_counter()
-            vector = history_vector(request.customer_id, HISTORY_ITEMS, settings) if bought else None
-            timings["embed_ms"] = (time.perf_counter() - t0) * 1000
+        if not request.query:
             notes.append("no query text: searched with the mean embedding of the recent purchases")
-            if vector is None:
-                raise RequestError(f"customer {request.customer_id} has no purchases and the request has no query text")
-        t0 = time.perf_counter()
-        hits = search_by_vector(
-            vector,
-            settings.retrieve_k,
-            settings,
-            exclude_customer=request.customer_id if request.exclude_purchased else None,
+        prepared.append(
+            _Prepared(
+                request,
+                [HistoryItem(h.stock_code, h.description) for h in bought],
+                [Candidate(h.stock_code, h.description, h.score) for h in found[:count]],
+                notes,
+                {"history_ms": history_ms, "embed_ms": embed_ms, "retrieve_ms": retrieve_ms},
+                cold_start,
+            )
         )
-        timings["retrieve_ms"] = (time.perf_counter() - t0) * 1000
-        candidates = [Candidate(h.stock_code, h.description, h.score) for h in hits]
-        prepared.append(_Prepared(request, history_items, candidates, notes, timings, cold_start))
     return prepared
 
 
@@ -242,9 +261,11 @@ def _result(
 ) -> dict:
     """Stage 4: order, cut to k, and record everything that explains the answer."""
     request = prepared.request
-    by_code = {c.stock_code: c for c in rank_request.candidates}
-    order = [code for code in dict.fromkeys(outcome.order) if code in by_code]
-    order += [c.stock_code for c in rank_request.candidates if c.stock_code not in set(order)]
+    by_code = {c.stock_code: c for c in prepared.candidates}
+    ranked = {c.stock_code for c in rank_request.candidates}
+    order = [code for code in dict.fromkeys(outcome.order) if code in ranked]
+    placed = set(order)
+    order += [c.stock_code for c in prepared.candidates if c.stock_code not in placed]
     explanations = outcome.explanations or {}
     items = [
         {
@@ -273,8 +294,9 @@ def _result(
         "history": [{"stock_code": h.stock_code, "description": h.description} for h in prepared.history],
         "candidates": [
             {"stock_code": c.stock_code, "description": c.description, "retrieval_score": c.retrieval_score}
-            for c in rank_request.candidates
+            for c in prepared.candidates
         ],
+        "ranked_candidates": len(rank_request.candidates),
         "items": items,
         "raw_output": outcome.raw_output,
         "flags": {"repaired": outcome.repaired, "fallback": outcome.fallback},

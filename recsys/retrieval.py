@@ -69,14 +69,44 @@ def search_by_vector(
     With `exclude_customer`, what that customer already bought is left out and k rows still
     come back (iterative index scan).
     """
+    return search_many([query_embedding], k, settings, ef_search, [exclude_customer])[0]
+
+
+def search_many(
+    query_embeddings: Sequence[Sequence[float]],
+    k: int = 10,
+    settings: Settings | None = None,
+    ef_search: int | None = None,
+    exclude_customers: Sequence[int | None] | None = None,
+) -> list[list[SearchHit]]:
+    """`search_by_vector` for many vectors in one statement: one index search per vector, one round trip.
+
+    `exclude_customers[i]`, when given and not None, filters that customer's purchases from result i.
+    """
     _check_k(k)
+    if not query_embeddings:
+        return []
+    excludes = list(exclude_customers) if exclude_customers is not None else [None] * len(query_embeddings)
+    if len(excludes) != len(query_embeddings):
+        raise ValueError("exclude_customers must have one entry per query embedding")
     settings = settings or get_settings()
     with _search_transaction(settings, ef_search) as conn:
         rows = conn.execute(
-            text("SELECT stock_code, description, score FROM search_products(CAST(:q AS vector), :k, :customer)"),
-            {"q": vector_literal(query_embedding), "k": k, "customer": exclude_customer},
+            text(
+                """
+                SELECT q.ord, s.stock_code, s.description, s.score
+                FROM unnest(CAST(:vectors AS vector[]), CAST(:customers AS bigint[]))
+                     WITH ORDINALITY AS q(embedding, customer_id, ord)
+                CROSS JOIN LATERAL search_products(q.embedding, :k, q.customer_id) AS s
+                ORDER BY q.ord, s.distance, s.stock_code
+                """
+            ),
+            {"vectors": [vector_literal(v) for v in query_embeddings], "customers": excludes, "k": k},
         ).all()
-    return [SearchHit(r.stock_code, r.description, float(r.score)) for r in rows]
+    results: list[list[SearchHit]] = [[] for _ in query_embeddings]
+    for r in rows:
+        results[r.ord - 1].append(SearchHit(r.stock_code, r.description, float(r.score)))
+    return results
 
 
 def search(
@@ -161,29 +191,67 @@ def history(
         """
     with get_engine(settings or get_settings()).connect() as conn:
         rows = conn.execute(text(query), {"customer": customer_id, "n": n}).all()
-    return [
-        HistoryEntry(
-            r.stock_code, r.description, r.last_purchased_at.isoformat(sep=" "), int(r.quantity), int(r.times_bought)
-        )
-        for r in rows
-    ]
+    return [_history_entry(r) for r in rows]
+
+
+def _history_entry(r) -> HistoryEntry:
+    return HistoryEntry(
+        r.stock_code, r.description, r.last_purchased_at.isoformat(sep=" "), int(r.quantity), int(r.times_bought)
+    )
 
 
 def history_vector(customer_id: int, n: int = 10, settings: Settings | None = None) -> np.ndarray | None:
     """Query vector for requests without text: the normalized mean of the customer's recent purchases."""
+    return history_vectors([customer_id], n, settings).get(customer_id)
+
+
+def history_vectors(
+    customer_ids: Sequence[int], n: int = 10, settings: Settings | None = None
+) -> dict[int, np.ndarray]:
+    """`history_vector` for many customers in one query; customers without embedded purchases are absent."""
     _check_k(n, "n")
+    if not customer_ids:
+        return {}
     with get_engine(settings or get_settings()).connect() as conn:
-        mean = conn.execute(
+        rows = conn.execute(
             text(
                 """
-                SELECT CAST(l2_normalize(avg(p.embedding)) AS real[])
-                FROM customer_history(:customer, :n) h JOIN products p USING (stock_code)
+                SELECT c.customer_id, CAST(l2_normalize(avg(p.embedding)) AS real[]) AS mean
+                FROM unnest(CAST(:customers AS bigint[])) AS c(customer_id)
+                CROSS JOIN LATERAL customer_history(c.customer_id, :n) AS h
+                JOIN products p ON p.stock_code = h.stock_code
                 WHERE p.embedding IS NOT NULL AND NOT p.is_non_product
+                GROUP BY c.customer_id
                 """
             ),
-            {"customer": customer_id, "n": n},
-        ).scalar_one()
-    return np.asarray(mean, dtype=np.float32) if mean else None
+            {"customers": sorted(set(customer_ids)), "n": n},
+        ).all()
+    return {r.customer_id: np.asarray(r.mean, dtype=np.float32) for r in rows if r.mean}
+
+
+def recent_histories(
+    customer_ids: Sequence[int], n: int = 10, settings: Settings | None = None
+) -> dict[int, list[HistoryEntry]]:
+    """`history(customer, n, "recent")` for many customers in one query; every customer asked for is a key."""
+    _check_k(n, "n")
+    histories: dict[int, list[HistoryEntry]] = {c: [] for c in customer_ids}
+    if not histories:
+        return histories
+    with get_engine(settings or get_settings()).connect() as conn:
+        rows = conn.execute(
+            text(
+                """
+                SELECT c.customer_id, h.*
+                FROM unnest(CAST(:customers AS bigint[])) AS c(customer_id)
+                CROSS JOIN LATERAL customer_history(c.customer_id, :n) AS h
+                ORDER BY c.customer_id, h.last_purchased_at DESC, h.stock_code
+                """
+            ),
+            {"customers": sorted(histories), "n": n},
+        ).all()
+    for r in rows:
+        histories[r.customer_id].append(_history_entry(r))
+    return histories
 
 
 class DatabaseItemStats:

@@ -90,3 +90,21 @@ def test_cli_read_commands(loaded_db):
 
     result = runner.invoke(cli, ["search", "lantern", "-k", "0"])
     assert result.exit_code == 2 and "positive" in result.output
+
+
+def test_query_encoding_is_remembered_and_bf16_stays_close(loaded_db):
+    from recsys import embedding
+
+    exact = loaded_db.with_(query_dtype="float32")
+    fast = loaded_db.with_(query_dtype="bfloat16")
+    queries = ["metal lantern", "bag charm", "metal lantern"]
+    reference = encode(queries, exact)
+    first = embedding.encode_queries(queries, exact)
+    np.testing.assert_allclose(first, reference, atol=1e-6)
+    assert embedding.encode_queries(["bag charm"], exact)[0] is not None
+    assert ("all-MiniLM-L6-v2", False, "bag charm") in embedding._query_vectors
+    approximate = embedding.encode_queries(queries, fast)
+    assert (approximate * reference).sum(axis=1).min() > 0.999
+    assert ("all-MiniLM-L6-v2", True, "bag charm") in embedding._query_vectors
+    with pytest.raises(embedding.EmbeddingError, match="RECSYS_QUERY_DTYPE"):
+        embedding.query_dtype(loaded_db.with_(query_dtype="int4"))

@@ -61,6 +61,16 @@ def test_unknown_customer_is_cold_start(loaded_db):
         recommend(RecommendationRequest(99999, None, 3, "retrieval"), loaded_db)
 
 
+def test_k_beyond_the_ranked_window_follows_retrieval_order(loaded_db):
+    settings = loaded_db.with_(max_candidates=5)
+    result = recommend(RecommendationRequest(15781, "lantern", 12, "popularity"), settings)
+    assert result["ranked_candidates"] == 5 and len(result["candidates"]) == 12
+    codes = [item["stock_code"] for item in result["items"]]
+    assert len(codes) == 12 == len(set(codes))
+    retrieval = [c["stock_code"] for c in result["candidates"]]
+    assert set(codes[:5]) == set(retrieval[:5]) and codes[5:] == retrieval[5:]
+
+
 def test_batch_keeps_order_and_groups_rankers(loaded_db):
     requests = [
         RecommendationRequest(15781, "lantern", 2, "retrieval"),

@@ -16,8 +16,11 @@ from recsys.retrieval import (
     DatabaseItemStats,
     history,
     history_vector,
+    history_vectors,
+    recent_histories,
     search,
     search_by_vector,
+    search_many,
     similar,
 )
 
@@ -64,6 +67,20 @@ def test_search_products_excludes_purchases_and_still_returns_k(synthetic_catalo
     assert len({h.stock_code for h in hits} & set(expected)) >= 8
     unfiltered = search_by_vector(query, 10, settings, ef_search=40)
     assert {h.stock_code for h in unfiltered} <= synthetic_catalog["bought"]
+
+
+def test_search_many_answers_each_vector_as_a_single_search_would(synthetic_catalog):
+    settings, query = synthetic_catalog["settings"], synthetic_catalog["query"]
+    other = unit(np.ones(DIM))
+    batched = search_many([query, other, query], 10, settings, ef_search=40, exclude_customers=[1, None, None])
+    assert [len(hits) for hits in batched] == [10, 10, 10]
+    assert batched[0] == search_by_vector(query, 10, settings, ef_search=40, exclude_customer=1)
+    assert batched[1] == search_by_vector(other, 10, settings, ef_search=40)
+    assert batched[2] == search_by_vector(query, 10, settings, ef_search=40)
+    assert not {h.stock_code for h in batched[0]} & synthetic_catalog["bought"]
+    assert search_many([], 10, settings) == []
+    with pytest.raises(ValueError, match="one entry per query"):
+        search_many([query], 10, settings, exclude_customers=[1, 2])
 
 
 def test_without_iterative_scan_the_same_filter_starves(synthetic_catalog):
@@ -176,6 +193,17 @@ def test_history_vector_is_the_normalized_mean(loaded_db):
     vector = history_vector(15781, 3, loaded_db)
     assert vector is not None and abs(np.linalg.norm(vector) - 1) < 1e-5
     assert history_vector(4242, 3, loaded_db) is None
+
+
+def test_batched_histories_match_one_at_a_time(loaded_db):
+    customers = [15781, 17850, 4242]
+    batched = recent_histories(customers, 5, loaded_db)
+    assert set(batched) == set(customers) and batched[4242] == []
+    for customer in customers:
+        assert batched[customer] == history(customer, 5, "recent", loaded_db)
+    vectors = history_vectors(customers, 5, loaded_db)
+    assert set(vectors) == {15781, 17850}
+    np.testing.assert_allclose(vectors[15781], history_vector(15781, 5, loaded_db), atol=1e-6)
 
 
 def test_cli_similar_and_search_flags(loaded_db):

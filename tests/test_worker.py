@@ -85,6 +85,25 @@ def test_a_pure_celery_client_submits_and_reads_results_by_task_name(loaded_db, 
     assert jobs.count_jobs(settings=loaded_db) == 1
 
 
+def test_jobs_answered_inside_another_jobs_batch_still_give_their_celery_result(loaded_db, start_worker):
+    """One message's batch ranks all six jobs; the other five messages are acknowledged without work,
+    and every job's AsyncResult holds its own summary."""
+    start_worker(loaded_db, RECSYS_BATCH_WAIT_MS="1500", RECSYS_BATCH_SIZE="8")
+    queries = ["BAG CHARM", "LANTERN", "NIGHT LIGHT", "DOORMAT", "TEA SET", "CAKE STAND"]
+    outcomes = [jobs.submit_recommendation(payload(query=q), settings=loaded_db) for q in queries]
+    url = loaded_db.celery_broker_url
+    client = Celery(broker=url, backend=url)
+    client.conf.update(accept_content=["json"], result_serializer="json")
+    try:
+        summaries = [client.AsyncResult(str(o.job_id)).get(timeout=60) for o in outcomes]
+    finally:
+        client.close()
+    assert [s["job_id"] for s in summaries] == [str(o.job_id) for o in outcomes]
+    assert all(s["status"] == "succeeded" and len(s["result"]["items"]) == 3 for s in summaries)
+    assert max(s["result"]["batch_size"] for s in summaries) > 1
+    assert {finished(loaded_db, o.job_id)["attempts"] for o in outcomes} == {1}
+
+
 def test_broker_down_at_submit_then_back_and_the_sweeper_sends_the_job(loaded_db, start_worker, tmp_path):
     from conftest import free_port
 

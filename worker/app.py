@@ -25,12 +25,11 @@ from recsys.config import get_settings
 
 log = logging.getLogger(__name__)
 
-SOFT_TIME_LIMIT = 300
-HARD_TIME_LIMIT = 360
+HARD_LIMIT_MARGIN = 60
 # Redis redelivers an unacknowledged message after this long; it must exceed the hard time
 # limit and the longest retry countdown. A worker killed mid-job is recovered sooner: a prefork
 # parent requeues the message at once, and the sweeper re-sends jobs whose lease ran out.
-VISIBILITY_TIMEOUT = 3600
+MIN_VISIBILITY_TIMEOUT = 3600
 
 
 def sweep_interval(settings) -> float:
@@ -39,20 +38,26 @@ def sweep_interval(settings) -> float:
 
 
 settings = get_settings()
+soft_time_limit = max(settings.job_time_limit, 1)
+hard_time_limit = soft_time_limit + HARD_LIMIT_MARGIN
 app = Celery("recsys")
 app.conf.update(client_config(settings.celery_broker_url))
 app.conf.update(
     result_backend=settings.celery_broker_url,
     task_acks_late=True,
+    task_store_errors_even_if_ignored=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     worker_proc_alive_timeout=30,
-    task_soft_time_limit=SOFT_TIME_LIMIT,
-    task_time_limit=HARD_TIME_LIMIT,
+    task_soft_time_limit=soft_time_limit,
+    task_time_limit=hard_time_limit,
     task_queues=(Queue(RERANK_QUEUE), Queue(DEFAULT_QUEUE)),
     task_routes={RERANK_TASK: {"queue": RERANK_QUEUE}, SUBMIT_TASK: {"queue": DEFAULT_QUEUE},
                  SWEEP_TASK: {"queue": DEFAULT_QUEUE}},
-    broker_transport_options={**app.conf.broker_transport_options, "visibility_timeout": VISIBILITY_TIMEOUT},
+    broker_transport_options={
+        **app.conf.broker_transport_options,
+        "visibility_timeout": max(MIN_VISIBILITY_TIMEOUT, 2 * hard_time_limit),
+    },
     result_expires=24 * 3600,
     worker_max_memory_per_child=None,
     worker_log_color=False,

@@ -18,6 +18,7 @@ from recsys.llm.loading import LoadedModel
 from recsys.llm.parsing import ends_in_a_loop
 
 DEFAULT_TOKENS_PER_FORWARD = 12_288
+CPU_TOKENS_PER_FORWARD = 2_048
 DEFAULT_ROWS_PER_FORWARD = 96
 LOGITS_ELEMENTS_PER_CHUNK = 64 * 1024 * 1024
 
@@ -47,6 +48,19 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
 
 
+def tokens_per_forward(loaded: LoadedModel, max_tokens: int | None) -> int:
+    """The padded-token budget of one forward pass: `max_tokens`, else a default for the device.
+
+    On a GPU, big passes keep the device busy. On a CPU one request's prompt already runs the
+    matrix products at full speed, and passes much beyond 2k tokens only push activations out
+    of cache: measured with Gemma 3 270M, a batch of 8 verbalizer requests took 986 ms each
+    with a 12k budget and 813 ms with 2k (828 ms alone).
+    """
+    if max_tokens is not None:
+        return max_tokens
+    return CPU_TOKENS_PER_FORWARD if loaded.device.type == "cpu" else DEFAULT_TOKENS_PER_FORWARD
+
+
 def plan_micro_batches(
     lengths: Sequence[int], *, max_tokens: int = DEFAULT_TOKENS_PER_FORWARD, max_rows: int = DEFAULT_ROWS_PER_FORWARD
 ) -> list[list[int]]:
@@ -71,13 +85,14 @@ def next_token_logprobs(
     sequences: Sequence[Sequence[int]],
     token_ids: Sequence[int],
     *,
-    max_tokens: int = DEFAULT_TOKENS_PER_FORWARD,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """Log-probabilities (over the full vocabulary) of `token_ids` as each sequence's next token.
 
     Returns a float32 CPU tensor [len(sequences), len(token_ids)]. Only the last position's
     logits are computed, so memory stays small even with a 256k vocabulary.
     """
+    max_tokens = tokens_per_forward(loaded, max_tokens)
     result = torch.empty((len(sequences), len(token_ids)), dtype=torch.float32)
     wanted = torch.tensor(list(token_ids), dtype=torch.long, device=loaded.device)
     for rows in plan_micro_batches([len(s) for s in sequences], max_tokens=max_tokens):
@@ -102,9 +117,10 @@ def continuation_logprobs(
     prompts: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[int]],
     *,
-    max_tokens: int = DEFAULT_TOKENS_PER_FORWARD,
+    max_tokens: int | None = None,
 ) -> list[float]:
     """Mean token log-probability of each continuation after its prompt (one entry per pair)."""
+    max_tokens = tokens_per_forward(loaded, max_tokens)
     sequences = [list(prompt) + list(tail) for prompt, tail in zip(prompts, continuations, strict=True)]
     tail_lengths = [len(tail) for tail in continuations]
     scores = [float("-inf")] * len(sequences)
@@ -153,13 +169,14 @@ def shared_prompt_logprobs(
     prompts: Sequence[Sequence[int]],
     continuations: Sequence[Sequence[Sequence[int]]],
     *,
-    max_tokens: int = DEFAULT_TOKENS_PER_FORWARD,
+    max_tokens: int | None = None,
 ) -> list[list[float]]:
     """Mean token log-probability of each of `continuations[i]` after `prompts[i]`.
 
     Each prompt runs once; its key/value cache is then shared by all its continuations, so
     twenty candidates after a 150-token prompt cost about 350 tokens of work, not 3,000.
     """
+    max_tokens = tokens_per_forward(loaded, max_tokens)
     scores = [[float("-inf")] * len(tails) for tails in continuations]
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
     for group in plan_micro_batches([len(p) for p in prompts], max_tokens=max_tokens):
@@ -216,7 +233,7 @@ def shared_prompt_next_token_logprobs(
     endings: Sequence[Sequence[Sequence[int]]],
     token_ids: Sequence[int],
     *,
-    max_tokens: int = DEFAULT_TOKENS_PER_FORWARD,
+    max_tokens: int | None = None,
 ) -> list[torch.Tensor]:
     """Like `next_token_logprobs` for every `prompts[i] + endings[i][j]`, running each shared
     prompt once. Returns one float32 tensor [len(endings[i]), len(token_ids)] per prompt.
@@ -224,6 +241,7 @@ def shared_prompt_next_token_logprobs(
     Endings are padded on the left, between prompt and ending, so every row ends in the last
     column; the attention mask hides the gap and position ids skip it.
     """
+    max_tokens = tokens_per_forward(loaded, max_tokens)
     wanted = torch.tensor(list(token_ids), dtype=torch.long, device=loaded.device)
     results = [torch.empty((len(tails), len(token_ids)), dtype=torch.float32) for tails in endings]
     for group in plan_micro_batches([len(p) for p in prompts], max_tokens=max_tokens):
@@ -317,7 +335,7 @@ def generate_greedy(
     stop_after_lines: Sequence[int] | int | None = None,
     stop_loops: bool = False,
     min_new_tokens: int = 0,
-    max_tokens: int = DEFAULT_TOKENS_PER_FORWARD,
+    max_tokens: int | None = None,
     max_rows: int = 64,
 ) -> list[Generation]:
     """Greedy continuations of each sequence, generated in left-padded micro-batches.
@@ -325,6 +343,7 @@ def generate_greedy(
     `stop_after_lines` ends a row after that many lines or a blank line; `stop_loops` also
     ends it once it keeps repeating earlier lines.
     """
+    max_tokens = max_tokens or DEFAULT_TOKENS_PER_FORWARD  # decoding reads every weight per step: wide batches pay
     count = len(sequences)
     budgets = [max_new_tokens] * count if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if stop_after_lines is None:
