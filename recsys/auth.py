@@ -8,6 +8,7 @@ werkzeug's salted scrypt/pbkdf2, since people choose weak ones.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
 import threading
@@ -20,15 +21,22 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from recsys import celery_client
 from recsys.config import Settings, get_settings
 from recsys.db import get_engine, session_scope
 from recsys.models import AdminUser, ApiKey
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "rsk_"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 MIN_PASSWORD_LENGTH = 8
 # Writing last_used_at on every request would turn each read into a write; once a minute is enough.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
+# Admin login guessing: this many failures from one address within the window lock that address out
+# until the window (counted from the first failure) ends.
+LOGIN_FAILURES_ALLOWED = 10
+LOGIN_FAILURE_WINDOW_SECONDS = 15 * 60
 
 
 class AuthError(ValueError):
@@ -217,3 +225,50 @@ def authenticate_admin(name: str, password: str, settings: Settings | None = Non
 @cache
 def _dummy_hash() -> str:
     return generate_password_hash(secrets.token_hex(8))
+
+
+# ---------------------------------------------------------------- login throttling
+
+
+def _failures_key(address: str, settings: Settings) -> str:
+    return f"recsys:login-failures:{settings.db_name}:{address}"
+
+
+def login_lockout_seconds(address: str, settings: Settings | None = None) -> int:
+    """Seconds until `address` may try to log in again; 0 when it may now.
+
+    The counters live in the broker, so every web process sees the same ones. A broker that
+    cannot be reached does not lock anyone out (logged): logins must not depend on it.
+    """
+    settings = settings or get_settings()
+    try:
+        client = celery_client.redis_client(settings)
+        key = _failures_key(address, settings)
+        failures = int(client.get(key) or 0)
+        if failures < LOGIN_FAILURES_ALLOWED:
+            return 0
+        return max(int(client.ttl(key)), 1)
+    except Exception as exc:
+        log.warning("login throttling is off: the broker cannot be reached (%s)", exc)
+        return 0
+
+
+def record_login_failure(address: str, settings: Settings | None = None) -> None:
+    settings = settings or get_settings()
+    try:
+        client = celery_client.redis_client(settings)
+        key = _failures_key(address, settings)
+        with client.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.expire(key, LOGIN_FAILURE_WINDOW_SECONDS, nx=True)
+            pipe.execute()
+    except Exception as exc:
+        log.warning("a failed login from %s was not counted: %s", address, exc)
+
+
+def clear_login_failures(address: str, settings: Settings | None = None) -> None:
+    settings = settings or get_settings()
+    try:
+        celery_client.redis_client(settings).delete(_failures_key(address, settings))
+    except Exception as exc:
+        log.warning("failed-login counter of %s not cleared: %s", address, exc)

@@ -74,9 +74,28 @@ def send_rerank(job_id: str, settings: Settings, *, countdown: float | None = No
         raise BrokerUnavailable(f"broker {settings.celery_broker_url} did not take job {job_id}: {exc}") from exc
 
 
+_redis_clients: dict[tuple[int, str], object] = {}
+
+
+def redis_client(settings: Settings):
+    """This process's plain Redis client on the broker, for small shared state (heartbeats, login counters)."""
+    import redis
+
+    key = (os.getpid(), settings.celery_broker_url)
+    with _lock:
+        client = _redis_clients.get(key)
+        if client is None:
+            client = redis.Redis.from_url(settings.celery_broker_url, socket_timeout=2, socket_connect_timeout=1)
+            _redis_clients[key] = client
+        return client
+
+
 def reset_clients() -> None:
     """Close this process's broker connections (tests that stop a broker)."""
     with _lock:
         for app in _apps.values():
             app.close()
         _apps.clear()
+        for redis in _redis_clients.values():
+            redis.close()
+        _redis_clients.clear()

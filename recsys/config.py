@@ -63,6 +63,7 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 8000
     secret_key: str | None = None
+    secure_cookies: bool = False
     log_level: str = "INFO"
 
     @classmethod
@@ -95,6 +96,7 @@ class Settings:
             web_host=_env("RECSYS_WEB_HOST", cls.web_host),
             web_port=_int("RECSYS_WEB_PORT", cls.web_port),
             secret_key=_env("RECSYS_SECRET_KEY"),
+            secure_cookies=_bool("RECSYS_SECURE_COOKIES", cls.secure_cookies),
             log_level=_env("RECSYS_LOG_LEVEL", cls.log_level),
         )
 

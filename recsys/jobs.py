@@ -781,20 +781,6 @@ def renew_leases(worker: str, settings: Settings | None = None) -> int:
 
 # ---------------------------------------------------------------- heartbeats
 
-_redis_clients: dict[tuple[int, str], object] = {}
-
-
-def _redis(settings: Settings):
-    import redis
-
-    key = (os.getpid(), settings.celery_broker_url)
-    client = _redis_clients.get(key)
-    if client is None:
-        client = redis.Redis.from_url(settings.celery_broker_url, socket_timeout=2, socket_connect_timeout=1)
-        _redis_clients[key] = client
-    return client
-
-
 def record_heartbeat(worker_name: str, settings: Settings | None = None, **details) -> None:
     """Say "alive" for this worker process in the broker's Redis, expiring after three missed beats."""
     settings = _settings(settings)
@@ -803,18 +789,20 @@ def record_heartbeat(worker_name: str, settings: Settings | None = None, **detai
         active = len(_active)
     payload = {"worker": worker_name, "pid": os.getpid(), "host": socket.gethostname(), "seen_at": time.time(),
                "active_jobs": active, "processed": _processed, **details}
-    _redis(settings).set(HEARTBEAT_PREFIX + worker_name, json.dumps(payload, default=str), ex=math.ceil(3 * interval))
+    celery_client.redis_client(settings).set(
+        HEARTBEAT_PREFIX + worker_name, json.dumps(payload, default=str), ex=math.ceil(3 * interval)
+    )
 
 
 def clear_heartbeat(worker_name: str, settings: Settings | None = None) -> None:
-    _redis(_settings(settings)).delete(HEARTBEAT_PREFIX + worker_name)
+    celery_client.redis_client(_settings(settings)).delete(HEARTBEAT_PREFIX + worker_name)
 
 
 def worker_status(settings: Settings | None = None) -> dict:
     """Live workers from their heartbeats: {"workers": [...], "alive": bool, "last_seen_seconds": float | None}."""
     settings = _settings(settings)
     try:
-        client = _redis(settings)
+        client = celery_client.redis_client(settings)
         keys = sorted(client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=500))
         values = client.mget(keys) if keys else []
     except Exception as exc:

@@ -31,6 +31,27 @@ def test_pages_need_a_login(client):
     assert polled.status_code == 401 and polled.get_json()["error"]["code"] == "unauthorized"
 
 
+def test_repeated_failed_logins_lock_out_that_address_only(client, db):
+    from recsys.auth import LOGIN_FAILURES_ALLOWED, create_admin_user
+
+    create_admin_user(ADMIN_NAME, ADMIN_PASSWORD, db)
+    token = csrf_from(html(client.get("/admin/login")))
+    for _ in range(LOGIN_FAILURES_ALLOWED):
+        wrong = client.post("/admin/login", data={"username": ADMIN_NAME, "password": "guess", "csrf_token": token})
+        assert wrong.status_code == 401
+    locked = client.post("/admin/login", data={"username": ADMIN_NAME, "password": ADMIN_PASSWORD,
+                                               "csrf_token": token})
+    assert locked.status_code == 429 and "Too many failed logins" in html(locked)
+    assert client.get("/admin/").status_code == 302
+
+    elsewhere = client.application.test_client()
+    other = {"REMOTE_ADDR": "10.0.0.7"}
+    token = csrf_from(html(elsewhere.get("/admin/login", environ_base=other)))
+    ok = elsewhere.post("/admin/login", data={"username": ADMIN_NAME, "password": ADMIN_PASSWORD,
+                                              "csrf_token": token}, environ_base=other)
+    assert ok.status_code == 302 and elsewhere.get("/admin/", environ_base=other).status_code == 200
+
+
 def test_login_checks_password_and_csrf(client, db, runner):
     assert runner.invoke(cli, ["admin", "create-user", ADMIN_NAME, "--password", "short"]).exit_code == 2
     created = runner.invoke(cli, ["admin", "create-user", ADMIN_NAME, "--password", ADMIN_PASSWORD])

@@ -52,6 +52,7 @@ def create_app(settings: Settings | None = None, config: dict | None = None) -> 
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         MAX_FORM_MEMORY_SIZE=MAX_BODY_BYTES,
         SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SECURE=settings.secure_cookies,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_NAME="recsys_session",
         PERMANENT_SESSION_LIFETIME=timedelta(hours=12),

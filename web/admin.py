@@ -92,20 +92,27 @@ def no_framing(response):
 
 @bp.route("/login", methods=["GET", "POST"])
 def login():
-    error = None
+    error, status = None, 200
+    address = request.remote_addr or "unknown"
     if request.method == "POST":
         name = request.form.get("username", "").strip()
         password = request.form.get("password", "")
-        if auth.authenticate_admin(name, password, settings()):
+        locked = auth.login_lockout_seconds(address, settings())
+        if locked:
+            error, status = f"Too many failed logins from your address; try again in {math.ceil(locked / 60)} min.", 429
+        elif auth.authenticate_admin(name, password, settings()):
+            auth.clear_login_failures(address, settings())
             target = _safe_next(request.form.get("next"))
             session.clear()
             session.permanent = True
             session["admin_user"] = name
             rotate_csrf_token()
             return redirect(target)
-        log.info("failed admin login for %r from %s", name[:64], request.remote_addr)
-        error = "Wrong user name or password."
-    return render_template("login.html", error=error, next=request.values.get("next", "")), 401 if error else 200
+        else:
+            auth.record_login_failure(address, settings())
+            log.info("failed admin login for %r from %s", name[:64], address)
+            error, status = "Wrong user name or password.", 401
+    return render_template("login.html", error=error, next=request.values.get("next", "")), status
 
 
 @bp.post("/logout")

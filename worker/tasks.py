@@ -35,7 +35,8 @@ def rerank(self, job_id: str) -> dict | None:
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
     summary = outcome.summary()
-    self.backend.store_result(str(job_id), summary, states.SUCCESS)
+    if outcome.status in jobs.FINISHED_STATUSES:
+        self.backend.store_result(str(job_id), summary, states.SUCCESS)
     return summary
 
 
