@@ -1,6 +1,6 @@
 """HTTP API throughput and latency under gunicorn on loopback, measured with wrk. Prints JSON.
 
-    python bench/api.py [--duration 10] [--connections 16] [--workers 2] [--threads 4]
+    python bench/api.py [--duration 10] [--connections 16] [--workers N] [--threads 4]
 
 Scenarios: a POST /recommendations answered from the result cache (200), a GET of a finished
 job, and submissions that miss the cache (each inserts a job and sends a Celery message: 202).
@@ -30,7 +30,7 @@ from common import clear_jobs, free_port, loaded_database
 from sqlalchemy import text
 
 from recsys import auth, jobs, services
-from recsys.cli.web import gunicorn_argv
+from recsys.cli.web import default_workers, gunicorn_argv
 from recsys.config import Settings
 from recsys.db import dispose_engines, get_engine
 
@@ -179,7 +179,8 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per scenario")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--wrk-threads", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="gunicorn worker processes (default: what `recsys serve` uses)")
     parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -233,7 +234,8 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in load_after]},
-        "server": {"gunicorn_workers": args.workers, "threads": args.threads, "worker_class": "gthread"},
+        "server": {"gunicorn_workers": args.workers or default_workers(), "threads": args.threads,
+                   "worker_class": "gthread"},
         "load": {"tool": "wrk", "threads": args.wrk_threads, "connections": args.connections,
                  "seconds_per_scenario": args.duration},
         "scenarios": results,
