@@ -15,6 +15,7 @@ import json
 from sqlalchemy import Connection, text
 
 from recsys.config import Settings
+from recsys.embedding import query_dtype
 from recsys.pipeline import RecommendationRequest, model_identity
 
 KEY_VERSION = 1
@@ -54,7 +55,7 @@ def cache_key(conn: Connection, request: RecommendationRequest, settings: Settin
         "model": model,
         "prompt_version": prompt_version,
         "embedding_model": settings.embedding_model,
-        "query_dtype": settings.query_dtype,
+        "query_dtype": query_dtype(settings),
         "retrieve_k": settings.retrieve_k,
         "ef_search": settings.ef_search,
         "max_candidates": settings.max_candidates,

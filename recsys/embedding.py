@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import text
@@ -115,14 +116,14 @@ def query_dtype(settings: Settings) -> str:
 
 
 def _cpu_has_bf16() -> bool:
+    """Native bf16 dot products (AVX512-BF16 or AMX), from /proc/cpuinfo: without them autocast only emulates."""
     global _bf16_support
     if _bf16_support is None:
-        import torch
-
         try:
-            _bf16_support = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            _bf16_support = False
+            flags = Path("/proc/cpuinfo").read_text().split()
+        except OSError:
+            flags = []
+        _bf16_support = "avx512_bf16" in flags or "amx_bf16" in flags
     return _bf16_support
 
 
