@@ -228,7 +228,7 @@ def _prepare(requests: Sequence[RecommendationRequest], settings: Settings) -> l
     retrieve_ms = (time.perf_counter() - t0) * 1000 / count
 
     prepared = []
-    for request, found, count in zip(requests, hits, wanted, strict=True):
+    for request, found, fetched in zip(requests, hits, wanted, strict=True):
         bought = histories.get(request.customer_id, []) if request.customer_id is not None else []
         notes: list[str] = []
         cold_start = request.customer_id is not None and not bought
@@ -240,7 +240,7 @@ def _prepare(requests: Sequence[RecommendationRequest], settings: Settings) -> l
             _Prepared(
                 request,
                 [HistoryItem(h.stock_code, h.description) for h in bought],
-                [Candidate(h.stock_code, h.description, h.score) for h in found[:count]],
+                [Candidate(h.stock_code, h.description, h.score) for h in found[:fetched]],
                 notes,
                 {"history_ms": history_ms, "embed_ms": embed_ms, "retrieve_ms": retrieve_ms},
                 cold_start,
