@@ -326,14 +326,11 @@ def send_job(
 
 
 def _set_sent_at(job_id, delay: float | None, settings: Settings) -> None:
-    """sent_at = now() + delay, or NULL for a message the broker never took."""
+    """sent_at = now() + delay; a None delay clears it (make_interval is strict), for a message never taken."""
     try:
         with _quick_commit(settings) as conn:
             conn.execute(
-                text(
-                    "UPDATE jobs SET sent_at = CASE WHEN CAST(:delay AS float8) IS NULL THEN NULL "
-                    "ELSE now() + make_interval(secs => :delay) END WHERE id = :id"
-                ),
+                text("UPDATE jobs SET sent_at = now() + make_interval(secs => CAST(:delay AS float8)) WHERE id = :id"),
                 {"id": job_id, "delay": delay},
             )
     except Exception as exc:

@@ -16,6 +16,7 @@ from sqlalchemy import Connection, text
 from recsys.config import Settings, get_settings
 from recsys.db import get_engine
 from recsys.embedding import encode_query, vector_literal
+from recsys.rankers.base import copurchase_totals, history_candidate_pairs
 
 HISTORY_ORDERS = ("recent", "seed")
 
@@ -84,7 +85,7 @@ def search_many(
     `exclude_customers[i]`, when given and not None, filters that customer's purchases from result i.
     """
     _check_k(k)
-    if not query_embeddings:
+    if len(query_embeddings) == 0:
         return []
     excludes = list(exclude_customers) if exclude_customers is not None else [None] * len(query_embeddings)
     if len(excludes) != len(query_embeddings):
@@ -269,20 +270,25 @@ class DatabaseItemStats:
         return {r.stock_code: float(r.customer_count) for r in rows}
 
     def copurchase(self, history_codes: Sequence[str], candidate_codes: Sequence[str]) -> dict[str, float]:
-        if not history_codes or not candidate_codes:
+        pairs = self.copurchase_pairs(history_candidate_pairs(history_codes, candidate_codes))
+        return copurchase_totals(pairs, history_codes, candidate_codes)
+
+    def copurchase_pairs(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """Invoices together for exactly these pairs, one index probe each, in one statement."""
+        if not pairs:
             return {}
         with get_engine(self.settings).connect() as conn:
             rows = conn.execute(
                 text(
                     """
-                    SELECT other_stock_code, sum(invoices) AS together FROM copurchase
-                    WHERE stock_code = ANY(:history) AND other_stock_code = ANY(:candidates)
-                    GROUP BY other_stock_code
+                    SELECT c.stock_code, c.other_stock_code, c.invoices
+                    FROM unnest(CAST(:first AS text[]), CAST(:second AS text[])) AS p(stock_code, other_stock_code)
+                    JOIN copurchase c USING (stock_code, other_stock_code)
                     """
                 ),
-                {"history": list(history_codes), "candidates": list(candidate_codes)},
+                {"first": [a for a, _ in pairs], "second": [b for _, b in pairs]},
             ).all()
-        return {r.other_stock_code: float(r.together) for r in rows}
+        return {(r.stock_code, r.other_stock_code): float(r.invoices) for r in rows}
 
 
 def stats(settings: Settings | None = None) -> dict:

@@ -2,7 +2,7 @@
 
 Each test that touches the database gets its own database, cloned from a migrated template
 (`CREATE DATABASE … TEMPLATE`), so tests may commit, COPY and refresh freely and still never
-see each other's rows. Set RECSYS_TEST_DATABASE_URL to run against an external server instead.
+see each other's rows.
 """
 
 from __future__ import annotations
@@ -60,10 +60,8 @@ def test_home():
 
 @pytest.fixture(scope="session")
 def base_settings(test_home) -> Settings:
-    external = os.environ.get("RECSYS_TEST_DATABASE_URL")
     return Settings(
         home=test_home,
-        database_url=external,
         db_name=TEMPLATE_DB,
         broker_port=free_port(),
         model_cache=Path(os.environ.get("RECSYS_TEST_MODEL_CACHE", Path.home() / ".cache" / "recsys-test-models")),
@@ -72,16 +70,13 @@ def base_settings(test_home) -> Settings:
 
 @pytest.fixture(scope="session")
 def postgres(base_settings):
-    """The session's Postgres, with a template database at the latest migration."""
-    started_here = base_settings.uses_embedded_db
-    if started_here:
-        services.start_postgres(base_settings)
+    """The session's embedded Postgres, with a template database at the latest migration."""
+    services.start_postgres(base_settings)
     migrate.upgrade(base_settings)
     dispose_engines()
     yield base_settings
     dispose_engines()
-    if started_here:
-        services.stop_postgres(base_settings)
+    services.stop_postgres(base_settings)
 
 
 def _admin_execute(settings: Settings, statement: str) -> None:
@@ -89,8 +84,7 @@ def _admin_execute(settings: Settings, statement: str) -> None:
 
     from recsys.db import database_url
 
-    url = database_url(settings.with_(db_name="postgres")) if settings.uses_embedded_db else settings.sqlalchemy_url
-    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    engine = create_engine(database_url(settings.with_(db_name="postgres")), isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
             conn.execute(text(statement))
@@ -101,8 +95,6 @@ def _admin_execute(settings: Settings, statement: str) -> None:
 @pytest.fixture
 def db(postgres) -> Settings:
     """Settings pointing at a fresh database of this test's own, at the latest migration."""
-    if not postgres.uses_embedded_db:
-        pytest.skip("per-test databases need the embedded server")
     name = f"recsys_test_{os.getpid()}_{next(_database_ids)}"
     _admin_execute(postgres, f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
     settings = postgres.with_(db_name=name)
@@ -127,9 +119,6 @@ def empty_db(postgres) -> Settings:
 @pytest.fixture(scope="session")
 def broker(base_settings):
     """The session's Valkey on a free loopback port."""
-    if not base_settings.uses_embedded_broker:
-        yield base_settings
-        return
     services.start_broker(base_settings)
     yield base_settings
     services.stop_broker(base_settings)

@@ -90,6 +90,9 @@ class MemoryStats:
             code: sum(self._pairs.get((seen, code), 0.0) for seen in history_codes) for code in candidate_codes
         }
 
+    def copurchase_pairs(self, pairs):
+        return {pair: self._pairs[pair] for pair in pairs if pair in self._pairs}
+
 
 STATS = MemoryStats(
     popularity={"20002": 50.0, "20000": 50.0, "20004": 99.0},
@@ -220,6 +223,24 @@ def test_verbalizer_shared_prompt_cache_gives_the_same_scores(tmp_path, tiny_mod
             assert with_cache.scores[code] == pytest.approx(score, abs=1e-5)
         if without.info.get("label_mass") is not None:
             assert with_cache.info["label_mass"] == pytest.approx(without.info["label_mass"], abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llm-verbalizer", "llm-likelihood"])
+def test_one_pass_rankers_score_the_same_on_cuda_as_on_cpu(tmp_path, tiny_model, name):
+    """The CUDA path (device placement, its wider micro-batches, shared caches) gives the CPU's scores."""
+    import copy
+
+    from recsys.llm.loading import wrap_model
+
+    settings = Settings(home=tmp_path, max_candidates=MIXED_BATCH_CAP)
+    cuda_model = wrap_model(copy.deepcopy(tiny_model.model).to("cuda"), tiny_model.tokenizer, name="tiny-gemma3-cuda")
+    on_cpu = make_ranker(name, settings, tiny_model).rank(mixed_batch())
+    on_cuda = make_ranker(name, settings, cuda_model).rank(mixed_batch())
+    for cpu, cuda in zip(on_cpu, on_cuda, strict=True):
+        assert sorted(cuda.order) == sorted(cpu.order)
+        for code, score in cpu.scores.items():
+            assert cuda.scores[code] == pytest.approx(score, rel=1e-3, abs=1e-3)
 
 
 def test_verbalizer_is_deterministic_and_averages_shuffled_orders(settings, tiny_model):
@@ -359,6 +380,24 @@ def test_classical_rankers_use_statistics_and_fall_back_to_retrieval(settings):
     new_customer = get_ranker("copurchase", settings=settings, stats=STATS).rank([RankRequest(candidates(4))])[0]
     assert new_customer.order == [c.stock_code for c in candidates(4)]
     assert new_customer.fallback
+
+
+@pytest.mark.parametrize("name", ["popularity", "copurchase"])
+def test_classical_rankers_answer_a_batch_as_they_answer_each_request(name, settings):
+    """One statistics lookup serves the batch; no request sees another's history or candidates."""
+    batch = [
+        RankRequest(candidates=list(reversed(candidates(6))), history=HISTORY),
+        RankRequest(candidates=candidates(6), history=HISTORY[2:]),
+        RankRequest(candidates=[]),
+        RankRequest(candidates=candidates(4, offset=2), history=HISTORY[:1]),
+    ]
+    ranker = get_ranker(name, settings=settings, stats=STATS)
+    together = ranker.rank(batch)
+    for request, result in zip(batch, together, strict=True):
+        alone = ranker.rank([request])[0]
+        assert (result.order, result.scores, result.fallback) == (alone.order, alone.scores, alone.fallback)
+    if name == "copurchase":
+        assert together[1].order[0] == "20005" and together[1].scores["20003"] == 0.0
 
 
 def test_registry_rejects_unknown_names_and_missing_stats(settings):

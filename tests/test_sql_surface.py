@@ -176,6 +176,8 @@ def test_views_and_their_refresh_after_ingest(db, tmp_path):
     assert pair == 3
     stats = DatabaseItemStats(db)
     assert stats.copurchase(["10001"], ["10002", "10003"]) == {"10002": 3.0, "10003": 2.0}
+    assert stats.copurchase_pairs([("10001", "10002"), ("10002", "10001"), ("10001", "10001")]) == {
+        ("10001", "10002"): 3.0, ("10002", "10001"): 3.0}
     assert stats.popularity(["10001", "10003"]) == {"10001": 3.0, "10003": 2.0}
 
 

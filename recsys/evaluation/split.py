@@ -21,6 +21,7 @@ from sqlalchemy import text
 
 from recsys.config import Settings, get_settings
 from recsys.db import get_engine
+from recsys.rankers.base import copurchase_totals, history_candidate_pairs
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,12 @@ class InMemoryItemStats:
         return count
 
     def copurchase(self, history_codes: Sequence[str], candidate_codes: Sequence[str]) -> dict[str, float]:
-        history = list(dict.fromkeys(history_codes))
-        scores = {}
-        for candidate in dict.fromkeys(candidate_codes):
-            total = sum(self.together(code, candidate) for code in history)
-            if total:
-                scores[candidate] = float(total)
-        return scores
+        pairs = self.copurchase_pairs(history_candidate_pairs(history_codes, candidate_codes))
+        return copurchase_totals(pairs, history_codes, candidate_codes)
+
+    def copurchase_pairs(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        counts = {(a, b): float(self.together(a, b)) for a, b in pairs}
+        return {pair: count for pair, count in counts.items() if count}
 
 
 def _as_timestamp(value: datetime | str | pd.Timestamp | None) -> pd.Timestamp | None:

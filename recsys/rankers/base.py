@@ -60,6 +60,31 @@ class ItemStats(Protocol):
 
     def copurchase(self, history_codes: Sequence[str], candidate_codes: Sequence[str]) -> dict[str, float]: ...
 
+    def copurchase_pairs(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], float]: ...
+
+
+def history_candidate_pairs(history_codes: Sequence[str], candidate_codes: Sequence[str]) -> list[tuple[str, str]]:
+    """Every (history code, candidate code) pair, each once."""
+    candidates = list(dict.fromkeys(candidate_codes))
+    return [(code, candidate) for code in dict.fromkeys(history_codes) for candidate in candidates]
+
+
+def copurchase_totals(
+    pairs: dict[tuple[str, str], float], history_codes: Sequence[str], candidate_codes: Sequence[str]
+) -> dict[str, float]:
+    """Per candidate, the invoices it shares with any of the history items (candidates with none left out).
+
+    `pairs` maps (history code, candidate code) to invoices together (pairs with none may be absent)
+    and may hold other requests' pairs too, so one lookup can serve a whole batch.
+    """
+    history = list(dict.fromkeys(history_codes))
+    totals = {}
+    for candidate in dict.fromkeys(candidate_codes):
+        total = sum(pairs.get((code, candidate), 0.0) for code in history)
+        if total:
+            totals[candidate] = float(total)
+    return totals
+
 
 class Ranker(Protocol):
     name: str
