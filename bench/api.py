@@ -29,10 +29,11 @@ from pathlib import Path
 from common import clear_jobs, free_port, loaded_database
 from sqlalchemy import text
 
-from recsys import auth, jobs, services
+from recsys import jobs
 from recsys.cli.web import default_workers, gunicorn_argv
 from recsys.config import Settings
-from recsys.db import dispose_engines, get_engine
+from recsys.platform import auth, embedded
+from recsys.platform.db import dispose_engines, get_engine
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
@@ -63,7 +64,7 @@ def prepare_database(settings: Settings) -> Settings:
 
 def start_broker(home: Path) -> Settings:
     broker = Settings(home=home, broker_port=free_port())
-    services.start_broker(broker)
+    embedded.start_broker(broker)
     return broker
 
 
@@ -197,7 +198,7 @@ def main() -> None:
     assert jobs.submit_recommendation(CACHED, settings=settings).cached
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "DATABASE_URL", "CELERY_"))}
-    env.update(services.service_env(settings))
+    env.update(embedded.service_env(settings))
     env.update(RECSYS_HOME=str(settings.home), RECSYS_LOG_LEVEL="WARNING")
     server = subprocess.Popen(gunicorn_argv(settings, args.workers, args.threads), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -227,7 +228,7 @@ def main() -> None:
             conn.execute(text("DELETE FROM result_cache"))
             conn.execute(text("DELETE FROM api_keys WHERE name = :name"), {"name": key_name})
         dispose_engines()
-        services.stop_broker(broker)
+        embedded.stop_broker(broker)
         shutil.rmtree(scratch, ignore_errors=True)
 
     print(json.dumps({

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import socket
 import sys
+from pathlib import Path
 
 from sqlalchemy import text
 
-from recsys import migrate, services
 from recsys.config import Settings
-from recsys.db import get_engine
+from recsys.platform import embedded, migrations
+from recsys.platform.db import get_engine
 
 DATA = "data/online_retail.csv.gz"
+# The helpers tests and benchmarks share (tiny models, worker processes) live in tests/support.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def free_port() -> int:
@@ -22,13 +25,13 @@ def free_port() -> int:
 
 def loaded_database(settings: Settings, name: str) -> Settings:
     """The bench database `name`, migrated, and loaded once (ingest + embed of the bundled file)."""
-    from recsys.embedding import embed_products
-    from recsys.ingest import ingest_file
+    from recsys.catalog.embedding import embed_products
+    from recsys.catalog.ingest import ingest_file
 
     bench = settings.with_(db_name=name) if settings.uses_embedded_db else settings
     if bench.uses_embedded_db:
-        services.start_postgres(bench)
-    migrate.upgrade(bench)
+        embedded.start_postgres(bench)
+    migrations.upgrade(bench)
     with get_engine(bench).connect() as conn:
         purchases = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
     if purchases == 0:

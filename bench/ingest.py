@@ -14,11 +14,11 @@ import warnings
 
 from sqlalchemy import create_engine, text
 
-from recsys import migrate, services
+from recsys.catalog.embedding import embed_products, load_model
+from recsys.catalog.ingest import ingest_file
 from recsys.config import Settings
-from recsys.db import database_url, dispose_engines, get_engine
-from recsys.embedding import embed_products, load_model
-from recsys.ingest import ingest_file
+from recsys.platform import embedded, migrations
+from recsys.platform.db import database_url, dispose_engines, get_engine
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
@@ -31,7 +31,7 @@ def recreate(settings: Settings, name: str) -> Settings:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     scratch = settings.with_(db_name=name)
-    migrate.upgrade(scratch)
+    migrations.upgrade(scratch)
     return scratch
 
 
@@ -43,9 +43,9 @@ def main() -> None:
 
     settings = Settings.from_env()
     if settings.uses_embedded_db:
-        services.start_postgres(settings)
+        embedded.start_postgres(settings)
     ingest_seconds, embed_seconds, reingest_seconds, refresh_seconds = [], [], [], []
-    report = embedded = None
+    report = embed_report = None
     load_model(settings.embedding_model)
     for _ in range(args.repeats):
         scratch = recreate(settings, "recsys_bench_ingest")
@@ -54,7 +54,7 @@ def main() -> None:
         refresh_seconds.append(report.copurchase_refresh_seconds)
         reingest_seconds.append(ingest_file(args.path, scratch).seconds)
         started = time.perf_counter()
-        embedded = embed_products(scratch)
+        embed_report = embed_products(scratch)
         embed_seconds.append(time.perf_counter() - started)
     with get_engine(scratch).connect() as conn:
         purchases = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
@@ -71,10 +71,10 @@ def main() -> None:
         "rows_per_second": round(report.rows_read / statistics.median(ingest_seconds)),
         "reingest_seconds_median": round(statistics.median(reingest_seconds), 2),
         "copurchase_refresh_seconds_median": round(statistics.median(refresh_seconds), 2),
-        "embedding_model": embedded.model,
-        "products_embedded": embedded.embedded,
+        "embedding_model": embed_report.model,
+        "products_embedded": embed_report.embedded,
         "embed_seconds_median": round(statistics.median(embed_seconds), 2),
-        "products_per_second": round(embedded.embedded / statistics.median(embed_seconds), 1),
+        "products_per_second": round(embed_report.embedded / statistics.median(embed_seconds), 1),
     }, indent=2))
 
 

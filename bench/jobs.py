@@ -21,7 +21,6 @@ import os
 import platform
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 import warnings
@@ -30,11 +29,12 @@ from pathlib import Path
 
 from common import clear_jobs, free_port, loaded_database
 from sqlalchemy import text
+from support import workers
 
-from recsys import jobs, services
-from recsys.cli.jobs import worker_argv
+from recsys import jobs
 from recsys.config import Settings
-from recsys.db import dispose_engines, get_engine
+from recsys.platform import embedded
+from recsys.platform.db import dispose_engines, get_engine
 from recsys.rankers import LLM_RANKER_NAMES
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
@@ -61,41 +61,12 @@ def workload(settings: Settings, count: int, ranker: str, seed: int) -> list[dic
     return [{"customer_id": c, "query": q, "k": 10, "ranker": ranker} for c, q in ordered]
 
 
-class Worker:
-    def __init__(self, settings: Settings, log_path: Path, pool: str = "prefork", concurrency: int = 1,
-                 **env: str) -> None:
-        environment = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "DATABASE_URL", "CELERY_"))}
-        environment.update(services.service_env(settings))
-        environment.update({"RECSYS_HOME": str(settings.home), "RECSYS_MODEL_CACHE": str(settings.models_dir),
-                            "RECSYS_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                            **env})
-        self.settings = settings
-        self.log = open(log_path, "ab")  # noqa: SIM115  (closed in stop)
-        argv = worker_argv(settings, beat=False, pool=pool, concurrency=concurrency,
-                           name=f"bench-{os.getpid()}-{time.monotonic_ns()}@%h", loglevel="WARNING")
-        self.proc = subprocess.Popen(argv, env=environment, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}; see {self.log.name}")
-            if any(w.get("ready") for w in jobs.worker_status(self.settings)["workers"]):
-                return
-            time.sleep(0.2)
-        raise TimeoutError("worker not ready")
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
+def start_worker(settings: Settings, log_path: Path, pool: str = "prefork", concurrency: int = 1,
+                 **env: str) -> workers.WorkerProcess:
+    """A real worker process like `recsys worker`, quiet (warnings only)."""
+    environment = workers.worker_env(settings, RECSYS_LOG_LEVEL="WARNING", **env)
+    return workers.WorkerProcess(settings, environment, log_path, pool=pool, concurrency=concurrency,
+                                 loglevel="WARNING", prefix="bench")
 
 
 def rate(count: int, seconds: float) -> float:
@@ -109,8 +80,8 @@ def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str,
     import redis
 
     redis.Redis.from_url(settings.celery_broker_url).flushall()
-    worker = Worker(settings, log_dir / f"worker-{len(list(log_dir.iterdir()))}.log", args.pool, args.concurrency,
-                    **worker_env)
+    worker = start_worker(settings, log_dir / f"worker-{len(list(log_dir.iterdir()))}.log", args.pool,
+                          args.concurrency, **worker_env)
     try:
         worker.wait_ready()
         load_before = os.getloadavg()[0]
@@ -120,7 +91,7 @@ def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str,
         submitted = time.perf_counter()
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
-            open_jobs = jobs.count_jobs("queued", settings) + jobs.count_jobs("running", settings)
+            open_jobs = jobs.count_jobs(settings, "queued") + jobs.count_jobs(settings, "running")
             if open_jobs == 0:
                 break
             time.sleep(0.05)
@@ -175,7 +146,7 @@ def main() -> None:
     bench = loaded_database(base, BENCH_DB)
     home = Path(tempfile.mkdtemp(prefix="recsys-bench-jobs-"))
     broker = Settings(home=home, broker_port=free_port())
-    services.start_broker(broker)
+    embedded.start_broker(broker)
     settings = bench.with_(broker_port=broker.broker_port, broker_url=broker.celery_broker_url)
     report: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -189,7 +160,7 @@ def main() -> None:
             {"RECSYS_BATCH_SIZE": str(batch)}, args, home,
         ) | {"batch_size": batch}
         if not args.skip_llm:
-            from recsys.llm.loading import prepare_model
+            from recsys.llm.acquisition import prepare_model
 
             prepare_model(settings)
             requests = workload(settings, args.llm_jobs, args.llm_ranker, 2)
@@ -201,7 +172,7 @@ def main() -> None:
     finally:
         clear_jobs(settings)
         dispose_engines()
-        services.stop_broker(broker)
+        embedded.stop_broker(broker)
         shutil.rmtree(home, ignore_errors=True)
     print(json.dumps(report, indent=2))
 

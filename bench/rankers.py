@@ -41,15 +41,18 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tiny-model builders live with the tests (tests/support), not in the shipped library.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import pandas as pd
 import torch
+from support.synthetic import gemma_2b_config, packaged_tokenizer, random_model
 
 from recsys.config import Settings
+from recsys.llm.device import resolve_device, resolve_dtype
 from recsys.llm.inference import encode_prompt, generate_greedy
-from recsys.llm.loading import LoadedModel, load_model, resolve_device, resolve_dtype
+from recsys.llm.loading import LoadedModel, load_model
 from recsys.llm.prompts import LISTWISE_ANSWER_PREFIX, listwise_prompt
-from recsys.llm.synthetic import gemma_2b_config, packaged_tokenizer, random_model
 from recsys.rankers import RANKER_NAMES, Candidate, HistoryItem, RankRequest, get_ranker
 from recsys.rankers.llm_common import LLMRanker
 

@@ -63,8 +63,8 @@ import psycopg
 from psycopg import sql
 from tqdm import tqdm
 
-from recsys import services
 from recsys.config import Settings
+from recsys.platform import embedded
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
@@ -100,7 +100,7 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 def _embed_cached(texts: list[str], settings: Settings, cache_dir: Path, stem: str) -> tuple[np.ndarray, dict]:
     """Embeddings of `texts`, cached as .npy with a sidecar naming the model and a hash of the texts."""
-    from recsys.embedding import encode, load_model
+    from recsys.catalog.embedding import encode, load_model
 
     digest = hashlib.sha256()
     digest.update(settings.embedding_model.encode())
@@ -139,7 +139,7 @@ def _sample_catalog_queries(n: int, q: int, seed: int) -> np.ndarray:
 
 
 def load_retail(args, settings: Settings) -> Dataset:
-    from recsys.ingest import IngestReport, clean, parse, read_transactions
+    from recsys.catalog.ingest import IngestReport, clean, parse, read_transactions
 
     path = Path(args.retail_path)
     report = IngestReport(source=str(path))
@@ -438,7 +438,7 @@ class Pg:
         self.niceness = niceness
         self.local = settings.uses_embedded_db
         if self.local:
-            host = str(services.postgres_socket_dir(settings))
+            host = str(embedded.postgres_socket_dir(settings))
             self.admin_info = psycopg.conninfo.make_conninfo(host=host, user="postgres", dbname="postgres")
             self.conninfo = psycopg.conninfo.make_conninfo(host=host, user="postgres", dbname=dbname)
         else:
@@ -805,7 +805,7 @@ def main() -> None:
 
     settings = Settings.from_env()
     if settings.uses_embedded_db:
-        services.start_postgres(settings)
+        embedded.start_postgres(settings)
     niceness = os.nice(0)
     from importlib.metadata import version
 

@@ -1,4 +1,4 @@
-"""Alembic environment: the URL comes from recsys settings, the metadata from recsys.models."""
+"""Alembic environment: the URL comes from recsys settings, the metadata from recsys.platform.models."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from logging.config import fileConfig
 from alembic import context
 
 from recsys.config import get_settings
-from recsys.db import get_engine
-from recsys.models import Base
+from recsys.platform.db import get_engine
+from recsys.platform.models import Base
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
@@ -25,7 +25,7 @@ def include_object(obj, name, type_, reflected, compare_to):
 
 
 def run_migrations_offline() -> None:
-    from recsys.db import database_url
+    from recsys.platform.db import database_url
 
     context.configure(
         url=database_url(config.attributes.get("settings") or get_settings()),

@@ -125,7 +125,7 @@ class Settings:
 
     @property
     def sqlalchemy_url(self) -> str:
-        """The external database URL in SQLAlchemy form (psycopg 3 driver); see `recsys.db.database_url`."""
+        """The external database URL in SQLAlchemy form (psycopg 3 driver); see `recsys.platform.db.database_url`."""
         url = self.database_url or ""
         for prefix in ("postgresql://", "postgres://"):
             if url.startswith(prefix):

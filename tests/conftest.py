@@ -15,14 +15,18 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from support import workers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from recsys import migrate, services  # noqa: E402
 from recsys.config import Settings, set_settings  # noqa: E402
-from recsys.db import dispose_engines, get_engine  # noqa: E402
+from recsys.platform import (
+    embedded,  # noqa: E402
+    migrations,
+)
+from recsys.platform.db import dispose_engines, get_engine  # noqa: E402
 
 TEMPLATE_DB = "recsys_template"
 _database_ids = itertools.count()
@@ -71,18 +75,18 @@ def base_settings(test_home) -> Settings:
 @pytest.fixture(scope="session")
 def postgres(base_settings):
     """The session's embedded Postgres, with a template database at the latest migration."""
-    services.start_postgres(base_settings)
-    migrate.upgrade(base_settings)
+    embedded.start_postgres(base_settings)
+    migrations.upgrade(base_settings)
     dispose_engines()
     yield base_settings
     dispose_engines()
-    services.stop_postgres(base_settings)
+    embedded.stop_postgres(base_settings)
 
 
 def _admin_execute(settings: Settings, statement: str) -> None:
     from sqlalchemy import create_engine, text
 
-    from recsys.db import database_url
+    from recsys.platform.db import database_url
 
     engine = create_engine(database_url(settings.with_(db_name="postgres")), isolation_level="AUTOCOMMIT")
     try:
@@ -119,9 +123,9 @@ def empty_db(postgres) -> Settings:
 @pytest.fixture(scope="session")
 def broker(base_settings):
     """The session's Valkey on a free loopback port."""
-    services.start_broker(base_settings)
+    embedded.start_broker(base_settings)
     yield base_settings
-    services.stop_broker(base_settings)
+    embedded.stop_broker(base_settings)
 
 
 @pytest.fixture
@@ -165,8 +169,8 @@ def sample_csv(tmp_path) -> Path:
 @pytest.fixture
 def loaded_db(db, sample_csv) -> Settings:
     """A test database with the sample file ingested and embedded."""
-    from recsys.embedding import embed_products
-    from recsys.ingest import ingest_file
+    from recsys.catalog.embedding import embed_products
+    from recsys.catalog.ingest import ingest_file
 
     ingest_file(sample_csv, db)
     embed_products(db)
@@ -179,7 +183,7 @@ def tiny_llm(base_settings):
 
     The tokenizer is extracted from the packaged GGUF once per machine into the test model cache.
     """
-    from recsys.llm.synthetic import packaged_tokenizer, random_model, tiny_gemma3_config
+    from support.synthetic import packaged_tokenizer, random_model, tiny_gemma3_config
 
     tokenizer = packaged_tokenizer(base_settings.models_dir / "tokenizer-gemma-3-270m")
     return random_model(tiny_gemma3_config(len(tokenizer)), tokenizer, name="tiny-gemma3-random")
@@ -195,76 +199,9 @@ WORKER_TEST_ENV = {
 }
 
 
-class WorkerProcess:
-    """A real `celery -A worker.app worker` subprocess pointed at a test database and broker."""
-
-    def __init__(self, settings: Settings, env: dict[str, str], log_path: Path, beat: bool, pool: str) -> None:
-        import subprocess
-
-        from recsys.cli.jobs import worker_argv
-
-        self.settings = settings
-        self.log_path = log_path
-        argv = worker_argv(settings, pool=pool, beat=beat, name=f"test-{os.getpid()}-{next(_database_ids)}@%h")
-        self._log = open(log_path, "ab")  # noqa: SIM115  (closed in stop)
-        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout: float = 120.0) -> dict:
-        """Until a heartbeat of this worker says its models are loaded."""
-        import time
-
-        from recsys import jobs
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            for beat in jobs.worker_status(self.settings)["workers"]:
-                if beat.get("ready") and beat["pid"] in self.pids():
-                    return beat
-            time.sleep(0.2)
-        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()}")
-
-    def pids(self) -> set[int]:
-        """The worker's main process and its pool children."""
-        pids = {self.proc.pid}
-        try:
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        except OSError:
-            children = []
-        return pids | {int(pid) for pid in children}
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 20.0) -> None:
-        import signal
-        import subprocess
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
-
-
 def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
-    """Environment for a worker process: the test database and broker as external URLs, fast test timings."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("RECSYS_", "DATABASE_URL",
-                                                                                   "CELERY_"))}
-    env.update(services.service_env(settings))
-    env.update(WORKER_TEST_ENV)
-    env["RECSYS_HOME"] = str(settings.home)
-    env["RECSYS_MODEL_CACHE"] = str(settings.models_dir)
-    env.update(overrides)
-    return env
+    """Environment for a test worker: the test database and broker as external URLs, fast test timings."""
+    return workers.worker_env(settings, **{**WORKER_TEST_ENV, **overrides})
 
 
 @pytest.fixture
@@ -279,12 +216,12 @@ def flushed_broker(broker):
 @pytest.fixture
 def start_worker(tmp_path, flushed_broker):
     """Start real worker processes: `start_worker(settings, beat=False, **env)`; all are stopped after the test."""
-    started: list[WorkerProcess] = []
+    started: list[workers.WorkerProcess] = []
 
     def start(settings: Settings, *, beat: bool = False, pool: str = "prefork", ready: bool = True,
-              **env: str) -> WorkerProcess:
-        worker = WorkerProcess(settings, worker_env(settings, **env), tmp_path / f"worker-{len(started)}.log",
-                               beat, pool)
+              **env: str) -> workers.WorkerProcess:
+        worker = workers.WorkerProcess(settings, worker_env(settings, **env), tmp_path / f"worker-{len(started)}.log",
+                                       beat=beat, pool=pool)
         started.append(worker)
         if ready:
             worker.wait_ready()

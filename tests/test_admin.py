@@ -9,8 +9,8 @@ from web_fixtures import ADMIN_NAME, ADMIN_PASSWORD, csrf_from
 
 from recsys import jobs
 from recsys.cli import cli
-from recsys.db import get_engine
-from recsys.models import Job
+from recsys.platform.db import get_engine
+from recsys.platform.models import Job
 
 
 def job_count(db) -> int:
@@ -32,7 +32,7 @@ def test_pages_need_a_login(client):
 
 
 def test_repeated_failed_logins_lock_out_that_address_only(client, db):
-    from recsys.auth import LOGIN_FAILURES_ALLOWED, create_admin_user
+    from recsys.platform.auth import LOGIN_FAILURES_ALLOWED, create_admin_user
 
     create_admin_user(ADMIN_NAME, ADMIN_PASSWORD, db)
     token = csrf_from(html(client.get("/admin/login")))

@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 
 from recsys import jobs
 from recsys.cli import cli
-from recsys.db import get_engine
-from recsys.models import FeedbackEvent, Job
+from recsys.platform.db import get_engine
+from recsys.platform.models import FeedbackEvent, Job
 from web.openapi import api_routes
 
 
@@ -103,8 +103,8 @@ def test_missing_unknown_and_revoked_keys_get_401(client, db, api_key, runner):
 
 
 def test_apikey_cli_prints_the_key_once_and_stores_only_its_hash(runner, db):
-    from recsys.auth import hash_key, verify_api_key
-    from recsys.models import ApiKey
+    from recsys.platform.auth import hash_key, verify_api_key
+    from recsys.platform.models import ApiKey
 
     created = runner.invoke(cli, ["apikey", "create", "partner-a"])
     assert created.exit_code == 0, created.output
@@ -321,12 +321,12 @@ def test_serve_builds_a_gunicorn_command_without_importing_web(db):
     argv = gunicorn_argv(db.with_(web_port=8123), workers=2, threads=4)
     assert argv[1:3] == ["-m", "gunicorn"] and argv[-1] == "web:create_app()"
     assert "127.0.0.1:8123" in argv and "gthread" in argv
-    check = "import sys, recsys.cli, recsys.jobs, recsys.auth; sys.exit('web' in sys.modules)"
+    check = "import sys, recsys.cli, recsys.jobs, recsys.platform.auth; sys.exit('web' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check]).returncode == 0
 
 
 def test_api_key_cache_honours_revocation_after_its_ttl(db):
-    from recsys.auth import ApiKeyCache, create_api_key, revoke_api_key
+    from recsys.platform.auth import ApiKeyCache, create_api_key, revoke_api_key
 
     now = [100.0]
     cache = ApiKeyCache(ttl=2.0, clock=lambda: now[0])

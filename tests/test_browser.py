@@ -69,7 +69,7 @@ def web_server(loaded_db, tmp_path):
 def test_search_customer_and_recommend(loaded_db, start_worker, web_server, chromium_path):
     from playwright.sync_api import expect, sync_playwright
 
-    from recsys.auth import create_admin_user
+    from recsys.platform.auth import create_admin_user
 
     create_admin_user(ADMIN_NAME, ADMIN_PASSWORD, loaded_db)
     start_worker(loaded_db, pool="solo")

@@ -9,10 +9,11 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
+from recsys.catalog.embedding import embed_products, encode, resolve_model_path
+from recsys.catalog.history import history
+from recsys.catalog.retrieval import search, stats
 from recsys.cli import cli
-from recsys.db import get_engine
-from recsys.embedding import embed_products, encode, resolve_model_path
-from recsys.retrieval import history, search, stats
+from recsys.platform.db import get_engine
 
 
 def test_embed_fills_every_product_once(loaded_db):
@@ -93,7 +94,7 @@ def test_cli_read_commands(loaded_db):
 
 
 def test_query_encoding_is_remembered_and_bf16_stays_close(loaded_db):
-    from recsys import embedding
+    from recsys.catalog import embedding
 
     exact = loaded_db.with_(query_dtype="float32")
     fast = loaded_db.with_(query_dtype="bfloat16")

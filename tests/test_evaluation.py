@@ -224,8 +224,8 @@ PRODUCTS = {
 @pytest.fixture
 def split_db(db, tmp_path):
     """Nine customers with purchases on both sides of 2011-06-01 (light to heavy), ingested and embedded."""
-    from recsys.embedding import embed_products
-    from recsys.ingest import ingest_file
+    from recsys.catalog.embedding import embed_products
+    from recsys.catalog.ingest import ingest_file
 
     codes = list(PRODUCTS)
     lines = ["InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country"]

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
+from recsys.catalog.ingest import IngestError, ingest_file, is_non_product
 from recsys.cli import cli
-from recsys.ingest import IngestError, ingest_file, is_non_product
 
 HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
 

@@ -23,8 +23,8 @@ from sqlalchemy import text
 from recsys import jobs
 from recsys.cli import cli
 from recsys.cli.jobs import parse_duration
-from recsys.db import get_engine
-from recsys.pipeline import RequestError
+from recsys.platform.db import get_engine
+from recsys.recommend.request import RequestError
 
 WORKER = "test-host:1"
 
@@ -277,7 +277,7 @@ def test_listing_counting_throughput_and_cleanup(loaded_db, flushed_broker):
     assert [j["id"] for j in listed] == [str(ids[-1]), str(ids[-2])] and "result" not in listed[0]
     assert len(jobs.list_jobs(status="succeeded", settings=settings)) == 4
     assert jobs.list_jobs(limit=2, offset=4, settings=settings)[0]["id"] == str(ids[0])
-    assert jobs.count_jobs(settings=settings) == 5 and jobs.count_jobs("cancelled", settings) == 1
+    assert jobs.count_jobs(settings=settings) == 5 and jobs.count_jobs(settings, "cancelled") == 1
     assert jobs.job_counts(settings) == {"queued": 0, "running": 0, "succeeded": 4, "failed": 0, "cancelled": 1}
     throughput = jobs.job_throughput(settings, window_seconds=600)
     assert throughput["finished"] == 4 and throughput["p95_ms"] >= throughput["p50_ms"] > 0

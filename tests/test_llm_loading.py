@@ -10,23 +10,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from support.synthetic import random_model, tiny_gemma3_config
 
 from recsys.config import Settings
 from recsys.llm import loading
-from recsys.llm.loading import (
+from recsys.llm.acquisition import (
     PREPARED_MARKER,
     ModelLoadError,
-    clear_model_cache,
-    cpu_supports_bf16,
     is_prepared,
-    load_model,
     packaged_model,
     prepare_model,
-    resolve_device,
-    resolve_dtype,
     write_folder_atomically,
 )
-from recsys.llm.synthetic import random_model, tiny_gemma3_config
+from recsys.llm.device import resolve_device, resolve_dtype
+from recsys.llm.loading import clear_model_cache, load_model
+from recsys.platform.hardware import cpu_has_native_bf16
 
 
 def character_tokenizer():
@@ -85,7 +83,7 @@ def test_bad_devices_are_refused():
 
 def test_dtype_resolution():
     cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert resolve_dtype("auto", torch.device("cuda")) in (torch.bfloat16, torch.float16)
     assert resolve_dtype("fp32", cpu) == torch.float32
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
@@ -181,7 +179,7 @@ def test_packaged_gemma_converts_once_into_a_folder_that_reloads():
     assert not list(settings.models_dir.glob(".gemma-3-270m-bf16.tmp-*"))
     assert prepare_model(settings, model_name="packaged:gemma-3-270m") == folder
     loaded = load_model(settings, model_name="packaged:gemma-3-270m", device="cpu")
-    assert loaded.dtype == (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+    assert loaded.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert not loaded.has_chat_template
     ids = loaded.tokenizer("Previous purchases: WHITE LOVEBIRD LANTERN", return_tensors="pt")
     with torch.inference_mode():

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 from sqlalchemy import inspect, text
 
-from recsys import migrate
-from recsys.db import get_engine
+from recsys.platform import migrations
+from recsys.platform.db import get_engine
 
 TABLES = {"products", "customers", "purchases", "jobs", "result_cache", "feedback_events", "api_keys", "ingest_runs"}
 
 
 def test_upgrade_downgrade_upgrade(empty_db):
-    migrate.upgrade(empty_db)
+    migrations.upgrade(empty_db)
     engine = get_engine(empty_db)
     assert TABLES <= set(inspect(engine).get_table_names())
-    assert migrate.current_revision(empty_db) == migrate.head_revision()
-    migrate.check(empty_db)
+    assert migrations.current_revision(empty_db) == migrations.head_revision()
+    migrations.check(empty_db)
 
-    migrate.downgrade(empty_db, "base")
-    assert migrate.current_revision(empty_db) is None
+    migrations.downgrade(empty_db, "base")
+    assert migrations.current_revision(empty_db) is None
     assert not (TABLES & set(inspect(engine).get_table_names()))
 
-    migrate.upgrade(empty_db)
-    assert migrate.current_revision(empty_db) == migrate.head_revision()
+    migrations.upgrade(empty_db)
+    assert migrations.current_revision(empty_db) == migrations.head_revision()
 
 
 def test_hnsw_index_definition(db):

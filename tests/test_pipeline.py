@@ -7,10 +7,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from recsys.catalog.history import history
 from recsys.cli import cli
-from recsys.pipeline import RecommendationRequest, RequestError, recommend, recommend_batch
 from recsys.rankers import LLM_RANKER_NAMES, get_ranker
-from recsys.retrieval import history
+from recsys.recommend.pipeline import recommend, recommend_batch
+from recsys.recommend.request import RecommendationRequest, RequestError
 
 
 def test_request_validation():

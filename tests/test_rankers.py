@@ -13,10 +13,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from support.synthetic import packaged_tokenizer, random_model, tiny_gemma3_config
 
 from recsys.config import Settings
 from recsys.llm.inference import encode_prompt, left_pad, plan_micro_batches
-from recsys.llm.synthetic import packaged_tokenizer, random_model, tiny_gemma3_config
 from recsys.rankers import (
     LLM_RANKER_NAMES,
     RANKER_NAMES,

@@ -8,28 +8,28 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from recsys import services
 from recsys.cli import cli
 from recsys.config import Settings, set_settings
+from recsys.platform import embedded
 
 
 def test_broker_answers_and_status_reports_it(broker):
     assert redis.Redis.from_url(broker.celery_broker_url).ping()
-    status = services.broker_status(broker)
+    status = embedded.broker_status(broker)
     assert status.running and status.where == f"127.0.0.1:{broker.broker_port}"
 
 
 def test_postgres_status_and_env(postgres):
-    status = services.postgres_status(postgres)
+    status = embedded.postgres_status(postgres)
     assert status.running and status.pid
-    env = services.service_env(postgres)
+    env = embedded.service_env(postgres)
     assert env["DATABASE_URL"].startswith("postgresql://postgres@/")
     assert env["CELERY_BROKER_URL"] == f"redis://127.0.0.1:{postgres.broker_port}/0"
 
 
 def test_start_is_idempotent_across_calls(postgres):
-    first = services.start_postgres(postgres)
-    second = services.start_postgres(postgres)
+    first = embedded.start_postgres(postgres)
+    second = embedded.start_postgres(postgres)
     assert first.pid == second.pid
 
 
@@ -39,16 +39,16 @@ def test_taken_port_is_reported_in_one_line(tmp_path):
         blocker.listen()
         port = blocker.getsockname()[1]
         settings = Settings(home=tmp_path / "home", broker_port=port)
-        with pytest.raises(services.ServiceError, match=f"port {port}.*taken"):
-            services.start_broker(settings)
+        with pytest.raises(embedded.ServiceError, match=f"port {port}.*taken"):
+            embedded.start_broker(settings)
 
 
 def test_unwritable_home_is_reported(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     settings = Settings(home=blocker / "home")
-    with pytest.raises(services.ServiceError, match="not writable"):
-        services.start_postgres(settings)
+    with pytest.raises(embedded.ServiceError, match="not writable"):
+        embedded.start_postgres(settings)
 
 
 def test_cli_service_failure_is_one_line(tmp_path):
@@ -67,18 +67,18 @@ def test_broker_stop_and_restart(tmp_path):
     from conftest import free_port
 
     settings = Settings(home=tmp_path / "home", broker_port=free_port())
-    services.start_broker(settings)
-    assert services.broker_status(settings).running
-    assert services.stop_broker(settings)
-    assert not services.broker_status(settings).running
-    assert not services.stop_broker(settings)
+    embedded.start_broker(settings)
+    assert embedded.broker_status(settings).running
+    assert embedded.stop_broker(settings)
+    assert not embedded.broker_status(settings).running
+    assert not embedded.stop_broker(settings)
 
 
 def test_external_urls_start_nothing(tmp_path):
     settings = Settings(home=tmp_path / "never", database_url="postgresql://u:secret@127.0.0.1:1/x",
                         broker_url="redis://127.0.0.1:1/0")
-    statuses = services.start_all(settings)
+    statuses = embedded.start_all(settings)
     assert not (tmp_path / "never").exists()
     assert all(not s.embedded and not s.running for s in statuses)
     assert "secret" not in statuses[0].where
-    assert services.service_env(settings)["CELERY_BROKER_URL"] == "redis://127.0.0.1:1/0"
+    assert embedded.service_env(settings)["CELERY_BROKER_URL"] == "redis://127.0.0.1:1/0"

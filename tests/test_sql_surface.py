@@ -8,21 +8,13 @@ from click.testing import CliRunner
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from recsys.catalog.embedding import vector_literal
+from recsys.catalog.history import history, history_vector, history_vectors, recent_histories
+from recsys.catalog.ingest import ingest_file
+from recsys.catalog.retrieval import search, search_by_vector, search_many, similar
 from recsys.cli import cli
-from recsys.db import get_engine
-from recsys.embedding import vector_literal
-from recsys.ingest import ingest_file
-from recsys.retrieval import (
-    DatabaseItemStats,
-    history,
-    history_vector,
-    history_vectors,
-    recent_histories,
-    search,
-    search_by_vector,
-    search_many,
-    similar,
-)
+from recsys.platform.db import get_engine
+from recsys.rankers.item_stats import DatabaseItemStats
 
 DIM = 384
 

@@ -15,9 +15,10 @@ import pytest
 from celery import Celery
 from sqlalchemy import text
 
-from recsys import jobs, services
+from recsys import jobs
 from recsys.config import Settings
-from recsys.db import get_engine
+from recsys.platform import embedded
+from recsys.platform.db import get_engine
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,7 +38,7 @@ def wait_until(predicate, timeout: float, what: str):
 
 
 def finished(settings: Settings, job_id, timeout: float = 60.0) -> dict:
-    job = jobs.wait_for_job(job_id, timeout, settings)
+    job = jobs.wait_for_job(job_id, settings, timeout)
     assert job is not None and job["status"] in jobs.FINISHED_STATUSES, job
     return job
 
@@ -114,13 +115,13 @@ def test_broker_down_at_submit_then_back_and_the_sweeper_sends_the_job(loaded_db
     assert jobs.get_job(outcome.job_id, settings)["timings"]["sent_at"] is None
 
     dedicated = Settings(home=tmp_path / "dedicated-broker", broker_port=port)
-    services.start_broker(dedicated)
+    embedded.start_broker(dedicated)
     try:
         start_worker(settings, beat=True, RECSYS_JOB_STALE_SECONDS="1")
         job = finished(settings, outcome.job_id)
         assert job["status"] == "succeeded" and job["attempts"] == 1 and job["timings"]["sent_at"]
     finally:
-        services.stop_broker(dedicated)
+        embedded.stop_broker(dedicated)
 
 
 def test_sigkill_mid_job_redelivers_the_job_and_it_completes_once(loaded_db, start_worker):
@@ -175,7 +176,7 @@ def test_the_worker_carries_on_after_the_database_restarts(loaded_db, start_work
 
     in_flight = jobs.submit_recommendation(payload(customer_id=12583, query="night light"), settings=loaded_db)
     wait_until(lambda: jobs.get_job(in_flight.job_id, loaded_db)["status"] == "running", 60, "a job in flight")
-    services._restart_postgres(loaded_db)
+    embedded._restart_postgres(loaded_db)
 
     assert finished(loaded_db, in_flight.job_id, timeout=120)["status"] == "succeeded"
     after = jobs.submit_recommendation(payload(customer_id=13047, query="lunch bag"), settings=loaded_db).job_id

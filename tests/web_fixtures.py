@@ -33,7 +33,7 @@ def runner():
 
 @pytest.fixture
 def api_key(db) -> str:
-    from recsys.auth import create_api_key
+    from recsys.platform.auth import create_api_key
 
     return create_api_key("tests", db)
 
@@ -52,7 +52,7 @@ def csrf_from(html: str) -> str:
 @pytest.fixture
 def admin_client(app, db):
     """A test client logged in to the admin pages."""
-    from recsys.auth import create_admin_user
+    from recsys.platform.auth import create_admin_user
 
     create_admin_user(ADMIN_NAME, ADMIN_PASSWORD, db)
     client = app.test_client()

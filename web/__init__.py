@@ -11,8 +11,8 @@ from uuid import UUID
 from flask import Flask, redirect, url_for
 from flask.json.provider import DefaultJSONProvider
 
-from recsys.auth import ApiKeyCache
 from recsys.config import Settings, get_settings
+from recsys.platform.auth import ApiKeyCache
 
 MAX_BODY_BYTES = 64 * 1024
 # A verified API key is trusted this long without asking Postgres again; a revocation takes effect
@@ -38,12 +38,12 @@ class JSONProvider(DefaultJSONProvider):
 
 def create_app(settings: Settings | None = None, config: dict | None = None) -> Flask:
     """Build the app for these settings (default: the environment's); `config` overrides Flask config keys."""
+    settings = settings or get_settings()
     from web import admin, api
     from web.csrf import init_csrf
     from web.errors import register_error_handlers
     from web.metrics import init_metrics
 
-    settings = settings or get_settings()
     app = Flask(__name__)
     app.json = JSONProvider(app)
     app.config.update(

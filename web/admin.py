@@ -27,11 +27,15 @@ from flask import (
 )
 from markupsafe import Markup, escape
 
-from recsys import auth, retrieval
-from recsys.models import JOB_STATUSES
-from recsys.pipeline import MAX_K, RequestError
+from recsys import jobs
+from recsys.catalog import history as customer_histories
+from recsys.catalog import listing, retrieval
+from recsys.evaluation.report import latest_report
+from recsys.platform import auth
+from recsys.platform.models import JOB_STATUSES
 from recsys.rankers import RANKER_NAMES
-from web import data, services
+from recsys.recommend.request import MAX_K, RequestError
+from web import health
 from web.csrf import rotate_csrf_token
 from web.errors import ApiError
 from web.params import MAX_BIGINT, int_arg, str_arg
@@ -125,17 +129,15 @@ def logout():
 def dashboard():
     catalog = retrieval.stats(settings())
     catalog["coverage"] = catalog["embedded_products"] / catalog["products"] if catalog["products"] else 0.0
-    jobs = services.jobs_module()
-    figures = {"available": jobs is not None}
-    if jobs is not None:
-        figures["counts"] = jobs.job_counts(settings=settings())
-        figures["throughput"] = jobs.job_throughput(settings=settings(), window_seconds=3600)
-        figures["cache"] = cache = dict(jobs.cache_stats(settings=settings()))
-        if "hit_rate" not in cache:
-            # Every miss becomes a job, so hits / (hits + jobs) is the share answered from the cache.
-            lookups = cache.get("hits", 0) + sum(figures["counts"].values())
-            cache["hit_rate"] = cache.get("hits", 0) / lookups if lookups else None
-        figures["workers"] = services.check_workers(settings())
+    figures = {"available": True}
+    figures["counts"] = jobs.job_counts(settings())
+    figures["throughput"] = jobs.job_throughput(settings(), window_seconds=3600)
+    figures["cache"] = cache = dict(jobs.cache_stats(settings()))
+    if "hit_rate" not in cache:
+        # Every miss becomes a job, so hits / (hits + jobs) is the share answered from the cache.
+        lookups = cache.get("hits", 0) + sum(figures["counts"].values())
+        cache["hit_rate"] = cache.get("hits", 0) / lookups if lookups else None
+    figures["workers"] = health.check_workers(settings())
     return render_template("dashboard.html", catalog=catalog, jobs=figures, statuses=JOB_STATUSES)
 
 
@@ -154,7 +156,7 @@ def products():
         total = len(hits) if len(hits) < page * PER_PAGE else min(SEARCH_PAGES, page + 1) * PER_PAGE
         listing = Page(items, page, PER_PAGE, total)
     else:
-        items, total = data.list_products(PER_PAGE, (page - 1) * PER_PAGE, settings())
+        items, total = listing.list_products(PER_PAGE, (page - 1) * PER_PAGE, settings())
         listing = Page(items, page, PER_PAGE, total)
     return render_template("products.html", query=query or "", mode=mode, listing=listing)
 
@@ -177,7 +179,7 @@ def customers():
         else:
             return redirect(url_for("admin.customer", customer_id=int(wanted)))
     page = page_arg()
-    items, total = data.list_customers(PER_PAGE, (page - 1) * PER_PAGE, settings())
+    items, total = listing.list_customers(PER_PAGE, (page - 1) * PER_PAGE, settings())
     return render_template("customers.html", listing=Page(items, page, PER_PAGE, total))
 
 
@@ -188,16 +190,15 @@ def _job_or_none(job_id: str | None) -> dict | None:
         parsed = uuid.UUID(job_id)
     except ValueError:
         return None
-    jobs = services.jobs_module()
-    return jobs.get_job(parsed, settings=settings()) if jobs else None
+    return jobs.get_job(parsed, settings())
 
 
 def _customer_page(customer_id: int, job: dict | None = None, result: dict | None = None, form: dict | None = None):
     if customer_id > MAX_BIGINT:
         abort(404, "No such customer.")
     page = page_arg()
-    info = data.customer(customer_id, settings())
-    history, total = data.history_page(customer_id, PER_PAGE, (page - 1) * PER_PAGE, settings())
+    info = listing.customer(customer_id, settings())
+    history, total = customer_histories.history_page(customer_id, PER_PAGE, (page - 1) * PER_PAGE, settings())
     if result is None and job is not None and job.get("status") == "succeeded":
         result = job.get("result")
     if form is None and job is not None:
@@ -227,9 +228,6 @@ def recommend(customer_id: int):
         "explain": request.form.get("explain") == "on",
         "exclude_purchased": request.form.get("exclude_purchased") == "on",
     }
-    jobs = services.jobs_module()
-    if jobs is None:
-        raise ApiError(503, "service_unavailable", "Background jobs are not available in this deployment.")
     try:
         k = int(form["k"])
     except ValueError:
@@ -238,7 +236,7 @@ def recommend(customer_id: int):
     payload = {"customer_id": customer_id, "query": form["query"] or None, "k": k, "ranker": form["ranker"],
                "explain": form["explain"], "exclude_purchased": form["exclude_purchased"]}
     try:
-        outcome = jobs.submit_recommendation(payload, settings=settings())
+        outcome = jobs.submit_recommendation(payload, settings())
     except RequestError as exc:
         flash(str(exc), "error")
         return _customer_page(customer_id, form=form), 400
@@ -256,11 +254,8 @@ def jobs_list():
     if status is not None and status not in JOB_STATUSES:
         raise ApiError(400, "invalid_request", f"status must be one of {', '.join(JOB_STATUSES)}")
     page = page_arg()
-    jobs = services.jobs_module()
-    if jobs is None:
-        raise ApiError(503, "service_unavailable", "Background jobs are not available in this deployment.")
-    items = jobs.list_jobs(status=status, limit=PER_PAGE, offset=(page - 1) * PER_PAGE, settings=settings())
-    total = jobs.count_jobs(status, settings=settings())
+    items = jobs.list_jobs(settings(), status=status, limit=PER_PAGE, offset=(page - 1) * PER_PAGE)
+    total = jobs.count_jobs(settings(), status)
     return render_template("jobs.html", listing=Page(items, page, PER_PAGE, total), status=status,
                            statuses=JOB_STATUSES)
 
@@ -288,7 +283,7 @@ def job_json(job_id: str):
 @bp.post("/jobs/<job_id>/cancel")
 def cancel(job_id: str):
     job = _job_or_404(job_id)
-    if services.jobs_module().cancel_job(uuid.UUID(str(job["id"])), settings=settings()):
+    if jobs.cancel_job(uuid.UUID(str(job["id"])), settings()):
         flash("Job cancelled.", "info")
     else:
         flash("The job had already finished; nothing to cancel.", "error")
@@ -324,7 +319,7 @@ def _markdown_blocks(markdown: str) -> list[dict]:
 
 def _report() -> tuple[dict | None, str | None]:
     try:
-        return services.latest_evaluation(settings()), None
+        return latest_report(settings()), None
     except Exception as exc:
         log.exception("could not load the evaluation report")
         return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 
-from recsys import retrieval
-from recsys.models import FEEDBACK_EVENTS
-from recsys.pipeline import MAX_QUERY_CHARS
-from web import data, services
+from recsys import feedback as feedback_events
+from recsys import jobs
+from recsys.catalog import history as customer_histories
+from recsys.catalog import listing, retrieval
+from recsys.platform.models import FEEDBACK_EVENTS
+from recsys.recommend.request import MAX_IDEMPOTENCY_KEY, MAX_QUERY_CHARS, RequestError, check_idempotency_key
+from web import health as health_checks
 from web.errors import ApiError
 from web.metrics import RECOMMENDATIONS
 from web.openapi import (
@@ -29,19 +32,11 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 MAX_SEARCH_K = 100
 MAX_HISTORY_N = 500
-MAX_IDEMPOTENCY_KEY = 200
 FEEDBACK_FIELDS = set(SCHEMAS["FeedbackEvent"]["properties"])
 
 
 def settings():
     return current_app.config["RECSYS_SETTINGS"]
-
-
-def jobs():
-    module = services.jobs_module()
-    if module is None:
-        raise ApiError(503, "service_unavailable", "background jobs are not available in this deployment")
-    return module
 
 
 @bp.before_request
@@ -90,12 +85,13 @@ def create_recommendation():
     if payload.get("customer_id") is not None:
         customer_id_value(payload["customer_id"])
     idempotency_key = request.headers.get("Idempotency-Key")
-    if idempotency_key is not None and (not 0 < len(idempotency_key.strip()) <= MAX_IDEMPOTENCY_KEY
-                                        or "\x00" in idempotency_key):
-        raise bad(f"Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY} characters")
-    outcome = jobs().submit_recommendation(
-        payload, idempotency_key=idempotency_key.strip() if idempotency_key else None, settings=settings()
-    )
+    if idempotency_key is not None:
+        idempotency_key = idempotency_key.strip()
+        try:
+            check_idempotency_key(idempotency_key)
+        except RequestError as exc:
+            raise bad(f"Idempotency-Key: {exc}") from None
+    outcome = jobs.submit_recommendation(payload, settings(), idempotency_key=idempotency_key)
     job_id = str(outcome.job_id) if outcome.job_id else None
     body = {"job_id": job_id, "status": outcome.status, "cached": outcome.cached, "created": outcome.created,
             "status_url": url_for("api.get_job", job_id=job_id) if job_id else None}
@@ -117,7 +113,7 @@ def get_job(job_id: str):
         parsed = uuid_value(job_id, "job id")
     except ApiError:
         raise ApiError(404, "not_found", f"no job {job_id[:40]!r}: job ids are UUIDs") from None
-    job = jobs().get_job(parsed, settings=settings())
+    job = jobs.get_job(parsed, settings())
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id}")
     return jsonify(_job_json(job))
@@ -204,11 +200,11 @@ def search():
 def customer_history(customer_id: int):
     n = int_arg("n", 10, 1, MAX_HISTORY_N)
     order = request.args.get("order", "recent")
-    if order not in retrieval.HISTORY_ORDERS:
-        raise bad(f"order must be one of {', '.join(retrieval.HISTORY_ORDERS)}")
-    if customer_id > 2**63 - 1 or data.customer(customer_id, settings()) is None:
+    if order not in customer_histories.HISTORY_ORDERS:
+        raise bad(f"order must be one of {', '.join(customer_histories.HISTORY_ORDERS)}")
+    if customer_id > 2**63 - 1 or listing.customer(customer_id, settings()) is None:
         raise ApiError(404, "customer_not_found", f"no customer {customer_id}")
-    entries = retrieval.history(customer_id, n, order, settings())
+    entries = customer_histories.history(customer_id, n, order, settings())
     return jsonify({"customer_id": customer_id, "count": len(entries), "items": [e.as_dict() for e in entries]})
 
 
@@ -240,9 +236,10 @@ def feedback():
     if position is not None and (isinstance(position, bool) or not isinstance(position, int)
                                  or not 1 <= position <= 1000):
         raise bad("position must be an integer between 1 and 1000")
-    if not data.product_exists(stock_code, settings()):
+    if not listing.product_exists(stock_code, settings()):
         raise bad(f"unknown stock_code {stock_code!r}")
-    stored = data.add_feedback(event, stock_code, customer_id, job_id, position, settings())
+    stored = feedback_events.record(event, stock_code, settings(), customer_id=customer_id, job_id=job_id,
+                                    position=position)
     return jsonify(stored), 201
 
 
@@ -256,9 +253,9 @@ def feedback():
     },
 )
 def health():
-    database = services.check_database(settings())
-    broker = services.check_broker(settings())
-    worker = services.check_workers(settings())
+    database = health_checks.check_database(settings())
+    broker = health_checks.check_broker(settings())
+    worker = health_checks.check_workers(settings())
     serving = database["ok"] and broker["ok"]
     status = "unavailable" if not serving else ("ok" if worker["ok"] else "degraded")
     body = {"status": status, "database": database, "broker": broker, "worker": worker}

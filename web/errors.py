@@ -12,7 +12,7 @@ from flask import Flask, Response, jsonify, render_template, request
 from sqlalchemy.exc import DataError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from recsys.pipeline import RequestError
+from recsys.recommend.request import RequestError
 
 log = logging.getLogger(__name__)
 

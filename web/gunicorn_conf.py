@@ -6,8 +6,8 @@ import shutil
 import tempfile
 import warnings
 
-from recsys import services
 from recsys.config import Settings
+from recsys.platform import embedded
 
 # Both must be in the environment before the workers fork and import the app.
 os.environ.setdefault("RECSYS_SECRET_KEY", secrets.token_hex(32))
@@ -17,7 +17,7 @@ if _own_metrics_dir:
 
 # Resolve the embedded services' URLs once here, instead of probing the Postgres data folder for its
 # socket on every request in every worker.
-for _name, _value in services.service_env(Settings.from_env()).items():
+for _name, _value in embedded.service_env(Settings.from_env()).items():
     os.environ.setdefault(_name, _value)
 
 # The embedded-Postgres helper warns about XDG_RUNTIME_DIR on import; the workers inherit this filter.

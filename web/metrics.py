@@ -37,14 +37,11 @@ class DatabaseCollector:
         self.settings = settings
 
     def collect(self):
-        from web.services import jobs_module
+        from recsys import jobs
 
-        jobs = jobs_module()
-        if jobs is None:
-            return
         try:
-            counts = jobs.job_counts(settings=self.settings)
-            cache = jobs.cache_stats(settings=self.settings)
+            counts = jobs.job_counts(self.settings)
+            cache = jobs.cache_stats(self.settings)
             workers = jobs.worker_status(self.settings)
         except Exception as exc:
             log.warning("metrics: could not read job figures: %s", exc)

@@ -11,8 +11,8 @@ import re
 
 from flask import Flask
 
-from recsys.models import FEEDBACK_EVENTS, JOB_STATUSES
-from recsys.pipeline import MAX_K, MAX_QUERY_CHARS
+from recsys.platform.models import FEEDBACK_EVENTS, JOB_STATUSES
+from recsys.recommend.request import MAX_K, MAX_QUERY_CHARS
 
 API_PREFIX = "/api/v1"
 MAX_BIGINT = 2**63 - 1

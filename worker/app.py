@@ -20,8 +20,8 @@ from celery import Celery, signals
 from kombu import Queue
 
 from recsys import jobs
-from recsys.celery_client import DEFAULT_QUEUE, RERANK_QUEUE, RERANK_TASK, SUBMIT_TASK, SWEEP_TASK, client_config
 from recsys.config import get_settings
+from recsys.platform.broker import DEFAULT_QUEUE, RERANK_QUEUE, RERANK_TASK, SUBMIT_TASK, SWEEP_TASK, client_config
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def sweep_interval(settings) -> float:
 settings = get_settings()
 soft_time_limit = max(settings.job_time_limit, 1)
 hard_time_limit = soft_time_limit + HARD_LIMIT_MARGIN
-app = Celery("recsys")
+app = Celery("recsys", include=["worker.tasks"])
 app.conf.update(client_config(settings.celery_broker_url))
 app.conf.update(
     result_backend=settings.celery_broker_url,
@@ -118,5 +118,3 @@ def _stop_solo(**_kwargs) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
 
-
-from worker import tasks  # noqa: E402,F401  (registers the tasks on `app`)

@@ -3,7 +3,7 @@
 `recsys.rerank(job_id)` runs a job that already has a row (its Celery task id is the job id,
 so `AsyncResult(job_id)` gives the job's final summary). `recsys.submit(request, idempotency_key)`
 does `submit_recommendation` inside the worker, for clients without database access.
-`recsys.sweep()` is the periodic sweeper.
+`recsys.sweep()` is the periodic sweeper. When to retry is decided by `recsys.jobs.retry`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from __future__ import annotations
 from celery import states
 
 from recsys import jobs
-from recsys.celery_client import RERANK_TASK, SUBMIT_TASK, SWEEP_TASK
-from recsys.pipeline import RequestError
+from recsys.jobs.retry import MAX_INFRASTRUCTURE_RETRIES
+from recsys.platform.broker import RERANK_TASK, SUBMIT_TASK, SWEEP_TASK
+from recsys.recommend.request import RequestError
 from worker.app import app, settings
-
-MAX_INFRA_RETRIES = 100
 
 
 @app.task(name=RERANK_TASK, bind=True, max_retries=None, ignore_result=True)
@@ -25,11 +24,11 @@ def rerank(self, job_id: str) -> dict | None:
     if _answered_by_a_batch(self, job_id):
         return None
     try:
-        outcome = jobs.run_job(job_id, worker=jobs.worker_identity(), settings=settings)
+        outcome = jobs.run_job(job_id, settings, worker=jobs.worker_identity())
     except Exception as exc:
-        if self.request.retries >= MAX_INFRA_RETRIES:
+        if self.request.retries >= MAX_INFRASTRUCTURE_RETRIES:
             raise
-        raise self.retry(exc=exc, countdown=min(2 ** self.request.retries, 30)) from exc
+        raise self.retry(exc=exc, countdown=jobs.infrastructure_countdown(self.request.retries)) from exc
     for other in outcome.others:
         self.backend.store_result(other["job_id"], other, states.SUCCESS)
     if outcome.retry_in is not None:
@@ -55,7 +54,7 @@ def _answered_by_a_batch(task, job_id: str) -> bool:
 @app.task(name=SUBMIT_TASK)
 def submit(request: dict, idempotency_key: str | None = None) -> dict:
     try:
-        outcome = jobs.submit_recommendation(request, idempotency_key=idempotency_key, settings=settings)
+        outcome = jobs.submit_recommendation(request, settings, idempotency_key=idempotency_key)
     except RequestError as exc:
         return {"job_id": None, "status": "rejected", "error": str(exc), "result": None, "cached": False,
                 "created": False}

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from recsys.sql_surface import drop_statements, execute_raw, install_statements
+from recsys.platform.sql_objects import drop_statements, execute_raw, install_statements
 
 revision: str = "0002"
 down_revision: str | None = "0001"

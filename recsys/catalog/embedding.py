@@ -14,14 +14,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy import text
 
-from recsys.config import Settings, get_settings
-from recsys.db import get_engine
-from recsys.models import EMBEDDING_DIM
+from recsys.config import Settings
+from recsys.platform.db import get_engine
+from recsys.platform.hardware import cpu_has_native_bf16
+from recsys.platform.models import EMBEDDING_DIM
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ _models: dict[str, object] = {}
 _lock = threading.Lock()
 _query_vectors: OrderedDict[tuple[str, bool, str], np.ndarray] = OrderedDict()
 _query_lock = threading.Lock()
-_bf16_support: bool | None = None
 
 
 class EmbeddingError(RuntimeError):
@@ -78,10 +77,9 @@ def load_model(name: str):
 
 
 def encode(
-    texts: Sequence[str], settings: Settings | None = None, batch_size: int | None = None, bfloat16: bool = False
+    texts: Sequence[str], settings: Settings, batch_size: int | None = None, bfloat16: bool = False
 ) -> np.ndarray:
     """Normalized float32 embeddings, one row per text; `bfloat16` runs the matrix products in bf16."""
-    settings = settings or get_settings()
     model = load_model(settings.embedding_model)
     import torch
 
@@ -112,34 +110,21 @@ def query_dtype(settings: Settings) -> str:
         raise EmbeddingError(f"RECSYS_QUERY_DTYPE must be one of {choices}, got {settings.query_dtype!r}")
     if settings.query_dtype != "auto":
         return settings.query_dtype
-    return "bfloat16" if _cpu_has_bf16() else "float32"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
-def _cpu_has_bf16() -> bool:
-    """Native bf16 dot products (AVX512-BF16 or AMX), from /proc/cpuinfo: without them autocast only emulates."""
-    global _bf16_support
-    if _bf16_support is None:
-        try:
-            flags = Path("/proc/cpuinfo").read_text().split()
-        except OSError:
-            flags = []
-        _bf16_support = "avx512_bf16" in flags or "amx_bf16" in flags
-    return _bf16_support
-
-
-def encode_query(query: str, settings: Settings | None = None) -> np.ndarray:
+def encode_query(query: str, settings: Settings) -> np.ndarray:
     if not query or not query.strip():
         raise ValueError("query text is empty")
     return encode_queries([query.strip()], settings)[0]
 
 
-def encode_queries(queries: Sequence[str], settings: Settings | None = None) -> np.ndarray:
+def encode_queries(queries: Sequence[str], settings: Settings) -> np.ndarray:
     """`encode` for search queries, remembering the last QUERY_CACHE_SIZE per process.
 
     Shops send the same few thousand queries over and over; a repeated one costs a dict lookup
     instead of a transformer pass (about 1.3 ms each in a batch on this CPU).
     """
-    settings = settings or get_settings()
     model = settings.embedding_model
     bfloat16 = query_dtype(settings) == "bfloat16"
     vectors: list[np.ndarray | None] = []
@@ -183,14 +168,13 @@ class EmbedReport:
 
 
 def embed_products(
-    settings: Settings | None = None,
+    settings: Settings,
     progress: Callable[[int, int], None] | None = None,
 ) -> EmbedReport:
     """Embed every product without an embedding from the configured model.
 
     `progress(done, total)` is called after each batch.
     """
-    settings = settings or get_settings()
     model_name = settings.embedding_model
     engine = get_engine(settings)
     started = time.perf_counter()

@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 from sqlalchemy import Connection, text
 
-from recsys.config import Settings, get_settings
-from recsys.db import get_engine
-from recsys.sql_surface import refresh_materialized_views
+from recsys.config import Settings
+from recsys.platform.db import get_engine
+from recsys.platform.sql_objects import refresh_materialized_views
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +196,10 @@ def _parse_dates(values: pd.Series) -> pd.Series:
 
 def ingest_file(
     path: Path | str,
-    settings: Settings | None = None,
+    settings: Settings,
     progress: ProgressCallback | None = None,
 ) -> IngestReport:
     """Read, clean, parse and bulk-load one file; record the run; refresh derived data."""
-    settings = settings or get_settings()
     path = Path(path)
     step = progress or (lambda _stage: None)
     started = time.perf_counter()

@@ -33,16 +33,19 @@ def json_option(func):
 
 
 def ensure_database(settings: Settings | None = None, migrated: bool = True) -> Settings:
-    """Start the embedded Postgres if needed; insist the schema is at the latest migration."""
-    from recsys import migrate
-    from recsys.services import ServiceError, start_postgres
+    """Start the embedded Postgres if needed; insist the schema is at the latest migration.
 
+    The CLI is an entry point: without `settings` it reads them from the environment.
+    """
     settings = settings or get_settings()
+    from recsys.platform import migrations
+    from recsys.platform.embedded import ServiceError, start_postgres
+
     try:
         if settings.uses_embedded_db:
             start_postgres(settings)
         if migrated:
-            current, head = migrate.current_revision(settings), migrate.head_revision()
+            current, head = migrations.current_revision(settings), migrations.head_revision()
             if current != head:
                 fail(f"database schema is at {current or 'nothing'}, not {head}: run `recsys db upgrade`",
                      SERVICE_FAILURE)

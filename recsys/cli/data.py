@@ -17,7 +17,7 @@ INGEST_STAGES = ("read", "clean", "parse", "copy", "insert", "aggregate", "refre
 @json_option
 def ingest(path: Path, as_json: bool) -> None:
     """Load an Online Retail file (.csv, .csv.gz, .xlsx; UTF-8 or ISO-8859-1)."""
-    from recsys.ingest import IngestError, ingest_file
+    from recsys.catalog.ingest import IngestError, ingest_file
 
     if not path.is_file():
         fail(f"no such file: {path}")
@@ -53,7 +53,7 @@ def _render_ingest(report: dict) -> None:
 @json_option
 def embed(as_json: bool) -> None:
     """Embed every product that has no embedding from the configured model."""
-    from recsys.embedding import EmbeddingError, embed_products
+    from recsys.catalog.embedding import EmbeddingError, embed_products
 
     settings = ensure_database()
     bar = tqdm(desc=f"embed ({settings.embedding_model})", unit="product", disable=None)
@@ -80,7 +80,7 @@ def embed(as_json: bool) -> None:
 @json_option
 def stats(as_json: bool) -> None:
     """Counts: purchases, customers, products, embedding coverage."""
-    from recsys.retrieval import stats as catalog_stats
+    from recsys.catalog.retrieval import stats as catalog_stats
 
     data = catalog_stats(ensure_database())
     emit(data, as_json, lambda d: [click.echo(f"{k:20} {v}") for k, v in d.items()])
@@ -104,7 +104,7 @@ def search(
     as_json: bool,
 ) -> None:
     """Products nearest to QUERY by cosine similarity (HNSW index)."""
-    from recsys.retrieval import search as catalog_search
+    from recsys.catalog.retrieval import search as catalog_search
 
     if k <= 0:
         fail(f"-k must be a positive integer, got {k}")
@@ -133,8 +133,8 @@ def search(
 @json_option
 def similar(stock_code: str, k: int, ef_search: int | None, as_json: bool) -> None:
     """Products nearest to STOCK_CODE (itself and non-products excluded)."""
-    from recsys.retrieval import product
-    from recsys.retrieval import similar as similar_products
+    from recsys.catalog.retrieval import product
+    from recsys.catalog.retrieval import similar as similar_products
 
     if k <= 0:
         fail(f"-k must be a positive integer, got {k}")
@@ -163,7 +163,7 @@ def _render_hits(hits: list[dict]) -> None:
 @json_option
 def history(customer_id: int, n: int, order: str, as_json: bool) -> None:
     """A customer's purchased products."""
-    from recsys.retrieval import history as customer_history
+    from recsys.catalog.history import history as customer_history
 
     if n <= 0:
         fail(f"-n must be a positive integer, got {n}")

@@ -64,7 +64,7 @@ def beat_argv(settings: Settings, loglevel: str | None = None) -> list[str]:
 
 
 def _ensure_services() -> Settings:
-    from recsys.services import ServiceError, start_broker
+    from recsys.platform.embedded import ServiceError, start_broker
 
     settings = ensure_database()
     if settings.uses_embedded_broker:
@@ -113,7 +113,7 @@ def worker(concurrency, pool, queues, beat, beat_only, name, loglevel) -> None:
 def submit(customer_id, query, k, ranker, explain, exclude_purchased, idempotency_key, wait, timeout, as_json):
     """Queue a recommendation job for the worker (or answer at once from the cache)."""
     from recsys import jobs
-    from recsys.pipeline import RecommendationRequest, RequestError
+    from recsys.recommend.request import RecommendationRequest, RequestError
 
     payload = {"customer_id": customer_id, "query": query, "k": k, "explain": explain,
                "exclude_purchased": exclude_purchased}
@@ -131,7 +131,7 @@ def submit(customer_id, query, k, ranker, explain, exclude_purchased, idempotenc
     if not wait or outcome.job_id is None:
         emit(outcome.as_dict(), as_json, _render_outcome)
         return
-    job = jobs.wait_for_job(outcome.job_id, timeout, settings)
+    job = jobs.wait_for_job(outcome.job_id, settings, timeout)
     emit(job, as_json, _render_job)
     if job["status"] == "failed":
         fail(f"job {job['id']} failed: {job['error']}", SERVICE_FAILURE)

@@ -18,8 +18,8 @@ from recsys.rankers import RANKER_NAMES
 @json_option
 def recommend(customer_id, query, k, ranker, explain, exclude_purchased, as_json) -> None:
     """Run the four-stage pipeline for one customer, in this process."""
-    from recsys.pipeline import RecommendationRequest, RequestError
-    from recsys.pipeline import recommend as run_pipeline
+    from recsys.recommend.pipeline import recommend as run_pipeline
+    from recsys.recommend.request import RecommendationRequest, RequestError
 
     request = RecommendationRequest(customer_id, query.strip() if query and query.strip() else None, k, ranker,
                                     explain, exclude_purchased)
@@ -63,7 +63,7 @@ def models_group() -> None:
 def prepare(model_name: str | None) -> None:
     """Convert/cache the model once (packaged GGUF → bf16 folder) so workers load it in seconds."""
     from recsys.config import get_settings
-    from recsys.llm.loading import ModelLoadError, prepare_model
+    from recsys.llm.acquisition import ModelLoadError, prepare_model
 
     try:
         folder = prepare_model(get_settings(), model_name=model_name)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from recsys import services as svc
 from recsys.cli.common import SERVICE_FAILURE, emit, ensure_database, fail, json_option
 from recsys.config import get_settings
+from recsys.platform import embedded as svc
 
 
 @click.group("services")
@@ -66,31 +66,31 @@ def db_group() -> None:
 @click.argument("revision", default="head")
 def upgrade(revision: str) -> None:
     """Migrate the schema up to REVISION (default: head)."""
-    from recsys import migrate
+    from recsys.platform import migrations
 
     settings = ensure_database(migrated=False)
-    migrate.upgrade(settings, revision)
-    click.echo(f"schema at {migrate.current_revision(settings)}")
+    migrations.upgrade(settings, revision)
+    click.echo(f"schema at {migrations.current_revision(settings)}")
 
 
 @db_group.command("downgrade")
 @click.argument("revision", default="-1")
 def downgrade(revision: str) -> None:
     """Migrate the schema down to REVISION (default: one step; `base` drops everything)."""
-    from recsys import migrate
+    from recsys.platform import migrations
 
     settings = ensure_database(migrated=False)
-    migrate.downgrade(settings, revision)
-    click.echo(f"schema at {migrate.current_revision(settings) or 'base'}")
+    migrations.downgrade(settings, revision)
+    click.echo(f"schema at {migrations.current_revision(settings) or 'base'}")
 
 
 @db_group.command("current")
 def current() -> None:
     """Print the schema's current and latest revisions."""
-    from recsys import migrate
+    from recsys.platform import migrations
 
     settings = ensure_database(migrated=False)
-    click.echo(f"current {migrate.current_revision(settings) or 'base'}, head {migrate.head_revision()}")
+    click.echo(f"current {migrations.current_revision(settings) or 'base'}, head {migrations.head_revision()}")
 
 
 def register(cli: click.Group) -> None:

@@ -32,11 +32,11 @@ def serving_processes(settings: Settings) -> list[tuple[str, list[str], str | No
 @click.option("--no-serve", is_flag=True, help="Prepare everything, then exit instead of serving.")
 def up(data_path: str, no_serve: bool) -> None:
     """Start services, migrate, ingest and embed when empty, then serve until Ctrl-C."""
-    from recsys import migrate
-    from recsys import services as svc
-    from recsys.embedding import embed_products
-    from recsys.ingest import ingest_file
-    from recsys.retrieval import stats
+    from recsys.catalog.embedding import embed_products
+    from recsys.catalog.ingest import ingest_file
+    from recsys.catalog.retrieval import stats
+    from recsys.platform import embedded as svc
+    from recsys.platform import migrations
 
     settings = get_settings()
     was_running = {s.name: s.running for s in svc.status_all(settings)}
@@ -44,7 +44,7 @@ def up(data_path: str, no_serve: bool) -> None:
         svc.start_all(settings)
     except svc.ServiceError as exc:
         fail(str(exc), SERVICE_FAILURE)
-    migrate.upgrade(settings)
+    migrations.upgrade(settings)
     if stats(settings)["purchases"] == 0:
         click.echo(f"loading {data_path} ...")
         report = ingest_file(data_path, settings)

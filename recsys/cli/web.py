@@ -84,7 +84,7 @@ def apikey_group() -> None:
 @click.argument("name")
 def apikey_create(name: str) -> None:
     """Create a key called NAME and print it; it is shown only this once."""
-    from recsys.auth import AuthError, create_api_key
+    from recsys.platform.auth import AuthError, create_api_key
 
     settings = ensure_database()
     try:
@@ -99,7 +99,7 @@ def apikey_create(name: str) -> None:
 @click.argument("name")
 def apikey_revoke(name: str) -> None:
     """Revoke the key called NAME; requests with it get 401 from now on."""
-    from recsys.auth import revoke_api_key
+    from recsys.platform.auth import revoke_api_key
 
     if not revoke_api_key(name, ensure_database()):
         fail(f"no active API key named {name!r}")
@@ -110,7 +110,7 @@ def apikey_revoke(name: str) -> None:
 @json_option
 def apikey_list(as_json: bool) -> None:
     """Keys by name, with prefix, creation, last use and whether revoked (never the key)."""
-    from recsys.auth import list_api_keys
+    from recsys.platform.auth import list_api_keys
 
     keys = [k.as_dict() for k in list_api_keys(ensure_database())]
 
@@ -136,7 +136,7 @@ def admin_group() -> None:
               help="The password (prompted for when left out).")
 def admin_create_user(name: str, password: str) -> None:
     """Create admin user NAME, or set a new password for an existing one."""
-    from recsys.auth import AuthError, admin_user_exists, create_admin_user
+    from recsys.platform.auth import AuthError, admin_user_exists, create_admin_user
 
     settings = ensure_database()
     existed = admin_user_exists(name, settings)
@@ -151,7 +151,7 @@ def admin_create_user(name: str, password: str) -> None:
 @click.argument("name")
 def admin_disable_user(name: str) -> None:
     """Stop NAME from logging in (create-user enables them again with a new password)."""
-    from recsys.auth import disable_admin_user
+    from recsys.platform.auth import disable_admin_user
 
     if not disable_admin_user(name, ensure_database()):
         fail(f"no enabled admin user named {name!r}")
@@ -162,7 +162,7 @@ def admin_disable_user(name: str) -> None:
 @json_option
 def admin_list_users(as_json: bool) -> None:
     """Admin users and their last login."""
-    from recsys.auth import list_admin_users
+    from recsys.platform.auth import list_admin_users
 
     users = list_admin_users(ensure_database())
 

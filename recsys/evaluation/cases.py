@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from recsys.catalog.embedding import encode
+from recsys.catalog.retrieval import search_by_vector
 from recsys.config import Settings
-from recsys.embedding import encode
 from recsys.evaluation.queries import type_query
 from recsys.evaluation.split import TemporalSplit
 from recsys.rankers import Candidate, HistoryItem
-from recsys.retrieval import search_by_vector
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from recsys.config import Settings, get_settings
+from recsys.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ TABLE_COLUMNS = (
 )
 
 
-def eval_root(settings: Settings | None = None) -> Path:
-    return (settings or get_settings()).home / "eval"
+def eval_root(settings: Settings) -> Path:
+    return (settings).home / "eval"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -159,7 +159,7 @@ def _point_latest(root: Path, folder: Path) -> None:
     os.replace(temporary, root / LATEST)
 
 
-def write_report(results: dict, root: Path | None = None, settings: Settings | None = None) -> Path:
+def write_report(results: dict, root: Path | None, settings: Settings) -> Path:
     """Write a run's folder under `root` (default `$RECSYS_HOME/eval`) and point `latest` at it."""
     root = Path(root) if root else eval_root(settings)
     root.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def write_report(results: dict, root: Path | None = None, settings: Settings | N
     return folder
 
 
-def latest_report(settings: Settings | None = None, root: Path | None = None) -> dict | None:
+def latest_report(settings: Settings, root: Path | None = None) -> dict | None:
     """The newest run for an admin page: {created_at, params, metrics, table_markdown, plot_path}, or None."""
     root = Path(root) if root else eval_root(settings)
     folder = root / LATEST

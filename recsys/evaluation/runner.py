@@ -18,11 +18,12 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from recsys.config import Settings, get_settings
+from recsys.config import Settings
 from recsys.evaluation.cases import TASK_TITLES, TASKS, Case, attach_candidates, sample_cases
 from recsys.evaluation.metrics import case_metrics, mean_metrics, paired_difference, percentile
 from recsys.evaluation.split import PurchaseLog, TemporalSplit, load_purchase_log
 from recsys.rankers import RANKER_NAMES, Ranker, RankRequest, get_ranker, is_llm_ranker
+from recsys.recommend.ordering import final_order
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,7 @@ class EvalParams:
 def full_order(order: Sequence[str], candidates: Sequence) -> list[str]:
     """The ranker's order cut to the candidates, the missing ones appended (as the pipeline's last stage)."""
     shown = [c.stock_code for c in candidates]
-    allowed = set(shown)
-    ranked = [code for code in dict.fromkeys(order) if code in allowed]
-    placed = set(ranked)
-    return ranked + [code for code in shown if code not in placed]
+    return final_order(order, shown, shown)
 
 
 def _segment_answers(case: Case) -> dict[str, tuple[str, ...]]:
@@ -171,8 +169,8 @@ def _summarize(cases: Sequence[Case], orders: Sequence[Sequence[str]]) -> tuple[
 
 def run_evaluation(
     params: EvalParams | None = None,
-    settings: Settings | None = None,
     *,
+    settings: Settings,
     purchase_log: PurchaseLog | None = None,
     model=None,
     progress: ProgressFactory = no_progress,
@@ -180,7 +178,6 @@ def run_evaluation(
     """Sample the cases, rank them with every ranker, and return the results (see `report`)."""
     params = params or EvalParams()
     params.validate()
-    settings = settings or get_settings()
     max_candidates = params.max_candidates or settings.max_candidates
     rank_settings = settings.with_(max_candidates=max_candidates)
     batch_size = params.batch_size or settings.batch_size

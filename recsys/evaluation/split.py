@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import text
 
-from recsys.config import Settings, get_settings
-from recsys.db import get_engine
+from recsys.config import Settings
+from recsys.platform.db import get_engine
 from recsys.rankers.base import copurchase_totals, history_candidate_pairs
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,8 @@ class PurchaseLog:
         return str(self.products.at[stock_code, "description"]) if stock_code in self.products.index else stock_code
 
 
-def load_purchase_log(settings: Settings | None = None) -> PurchaseLog:
+def load_purchase_log(settings: Settings) -> PurchaseLog:
     """One read of the purchases table and one of the catalog (with embeddings)."""
-    settings = settings or get_settings()
     started = time.perf_counter()
     with get_engine(settings).connect() as conn:
         purchases = pd.read_sql(

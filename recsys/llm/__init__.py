@@ -13,12 +13,12 @@ from recsys.llm.prompts import PROMPT_VERSION
 
 _LAZY = {
     "LoadedModel": "recsys.llm.loading",
-    "ModelLoadError": "recsys.llm.loading",
+    "ModelLoadError": "recsys.llm.acquisition",
     "clear_model_cache": "recsys.llm.loading",
     "load_model": "recsys.llm.loading",
-    "prepare_model": "recsys.llm.loading",
-    "resolve_device": "recsys.llm.loading",
-    "resolve_dtype": "recsys.llm.loading",
+    "prepare_model": "recsys.llm.acquisition",
+    "resolve_device": "recsys.llm.device",
+    "resolve_dtype": "recsys.llm.device",
     "wrap_model": "recsys.llm.loading",
 }
 

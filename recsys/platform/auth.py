@@ -21,10 +21,10 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from recsys import celery_client
-from recsys.config import Settings, get_settings
-from recsys.db import get_engine, session_scope
-from recsys.models import AdminUser, ApiKey
+from recsys.config import Settings
+from recsys.platform import broker
+from recsys.platform.db import get_engine, session_scope
+from recsys.platform.models import AdminUser, ApiKey
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +82,21 @@ def _info(row: ApiKey) -> ApiKeyInfo:
     return ApiKeyInfo(row.id, row.name, row.key_prefix, row.created_at, row.last_used_at, row.revoked_at)
 
 
-def create_api_key(name: str, settings: Settings | None = None) -> str:
+def create_api_key(name: str, settings: Settings) -> str:
     """Create a key called `name` and return it; this is the only time the key is seen."""
     name = _check_name(name, "key")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     try:
-        with session_scope(settings or get_settings()) as session:
+        with session_scope(settings) as session:
             session.add(ApiKey(name=name, key_prefix=key[: len(KEY_PREFIX) + 6], key_hash=hash_key(key)))
     except IntegrityError as exc:
         raise AuthError(f"an API key named {name!r} already exists") from exc
     return key
 
 
-def revoke_api_key(name: str, settings: Settings | None = None) -> bool:
+def revoke_api_key(name: str, settings: Settings) -> bool:
     """Revoke the key called `name`; False when there is no active key by that name."""
-    with session_scope(settings or get_settings()) as session:
+    with session_scope(settings) as session:
         result = session.execute(
             update(ApiKey)
             .where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
@@ -105,17 +105,17 @@ def revoke_api_key(name: str, settings: Settings | None = None) -> bool:
         return result.rowcount > 0
 
 
-def list_api_keys(settings: Settings | None = None) -> list[ApiKeyInfo]:
-    with session_scope(settings or get_settings()) as session:
+def list_api_keys(settings: Settings) -> list[ApiKeyInfo]:
+    with session_scope(settings) as session:
         return [_info(row) for row in session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id))]
 
 
-def verify_api_key(key: str | None, settings: Settings | None = None) -> ApiKeyInfo | None:
+def verify_api_key(key: str | None, settings: Settings) -> ApiKeyInfo | None:
     """The active key matching `key`, or None (unknown, revoked, or empty)."""
     if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
     digest = hash_key(key)
-    engine = get_engine(settings or get_settings())
+    engine = get_engine(settings)
     with engine.connect() as conn:
         row = conn.execute(
             select(ApiKey.id, ApiKey.name, ApiKey.key_prefix, ApiKey.created_at, ApiKey.last_used_at,
@@ -143,7 +143,7 @@ class ApiKeyCache:
         self._entries: dict[str, tuple[float, ApiKeyInfo]] = {}
         self._lock = threading.Lock()
 
-    def verify(self, key: str | None, settings: Settings | None = None) -> ApiKeyInfo | None:
+    def verify(self, key: str | None, settings: Settings) -> ApiKeyInfo | None:
         if self.ttl <= 0 or not key:
             return verify_api_key(key, settings)
         now = self.clock()
@@ -162,13 +162,13 @@ class ApiKeyCache:
         return info
 
 
-def create_admin_user(name: str, password: str, settings: Settings | None = None) -> None:
+def create_admin_user(name: str, password: str, settings: Settings) -> None:
     """Add an admin; an existing name gets the new password (so a forgotten one can be reset)."""
     name = _check_name(name, "user")
     if len(password or "") < MIN_PASSWORD_LENGTH:
         raise AuthError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
     password_hash = generate_password_hash(password)
-    with session_scope(settings or get_settings()) as session:
+    with session_scope(settings) as session:
         user = session.scalars(select(AdminUser).where(AdminUser.name == name)).one_or_none()
         if user is None:
             session.add(AdminUser(name=name, password_hash=password_hash))
@@ -177,13 +177,13 @@ def create_admin_user(name: str, password: str, settings: Settings | None = None
             user.disabled_at = None
 
 
-def admin_user_exists(name: str, settings: Settings | None = None) -> bool:
-    with get_engine(settings or get_settings()).connect() as conn:
+def admin_user_exists(name: str, settings: Settings) -> bool:
+    with get_engine(settings).connect() as conn:
         return conn.execute(select(AdminUser.id).where(AdminUser.name == name)).first() is not None
 
 
-def disable_admin_user(name: str, settings: Settings | None = None) -> bool:
-    with session_scope(settings or get_settings()) as session:
+def disable_admin_user(name: str, settings: Settings) -> bool:
+    with session_scope(settings) as session:
         result = session.execute(
             update(AdminUser)
             .where(AdminUser.name == name, AdminUser.disabled_at.is_(None))
@@ -192,8 +192,8 @@ def disable_admin_user(name: str, settings: Settings | None = None) -> bool:
         return result.rowcount > 0
 
 
-def list_admin_users(settings: Settings | None = None) -> list[dict]:
-    with session_scope(settings or get_settings()) as session:
+def list_admin_users(settings: Settings) -> list[dict]:
+    with session_scope(settings) as session:
         users = session.scalars(select(AdminUser).order_by(AdminUser.name)).all()
         return [
             {
@@ -206,11 +206,11 @@ def list_admin_users(settings: Settings | None = None) -> list[dict]:
         ]
 
 
-def authenticate_admin(name: str, password: str, settings: Settings | None = None) -> bool:
+def authenticate_admin(name: str, password: str, settings: Settings) -> bool:
     """True when `name` is an enabled admin with this password; records the login."""
     if not name or not password or len(name) > 64 or len(password) > 1024:
         return False
-    with session_scope(settings or get_settings()) as session:
+    with session_scope(settings) as session:
         user = session.scalars(select(AdminUser).where(AdminUser.name == name)).one_or_none()
         if user is None or user.disabled_at is not None:
             # Same work either way, so response time does not reveal which names exist.
@@ -234,15 +234,14 @@ def _failures_key(address: str, settings: Settings) -> str:
     return f"recsys:login-failures:{settings.db_name}:{address}"
 
 
-def login_lockout_seconds(address: str, settings: Settings | None = None) -> int:
+def login_lockout_seconds(address: str, settings: Settings) -> int:
     """Seconds until `address` may try to log in again; 0 when it may now.
 
     The counters live in the broker, so every web process sees the same ones. A broker that
     cannot be reached does not lock anyone out (logged): logins must not depend on it.
     """
-    settings = settings or get_settings()
     try:
-        client = celery_client.redis_client(settings)
+        client = broker.redis_client(settings)
         key = _failures_key(address, settings)
         failures = int(client.get(key) or 0)
         if failures < LOGIN_FAILURES_ALLOWED:
@@ -253,10 +252,9 @@ def login_lockout_seconds(address: str, settings: Settings | None = None) -> int
         return 0
 
 
-def record_login_failure(address: str, settings: Settings | None = None) -> None:
-    settings = settings or get_settings()
+def record_login_failure(address: str, settings: Settings) -> None:
     try:
-        client = celery_client.redis_client(settings)
+        client = broker.redis_client(settings)
         key = _failures_key(address, settings)
         with client.pipeline() as pipe:
             pipe.incr(key)
@@ -266,9 +264,8 @@ def record_login_failure(address: str, settings: Settings | None = None) -> None
         log.warning("a failed login from %s was not counted: %s", address, exc)
 
 
-def clear_login_failures(address: str, settings: Settings | None = None) -> None:
-    settings = settings or get_settings()
+def clear_login_failures(address: str, settings: Settings) -> None:
     try:
-        celery_client.redis_client(settings).delete(_failures_key(address, settings))
+        broker.redis_client(settings).delete(_failures_key(address, settings))
     except Exception as exc:
         log.warning("failed-login counter of %s not cleared: %s", address, exc)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from recsys.config import Settings, get_settings
+from recsys.config import Settings
 
 _engines: dict[tuple[int, str], Engine] = {}
 _lock = threading.Lock()
@@ -20,7 +20,7 @@ def database_url(settings: Settings) -> str:
     """SQLAlchemy URL: the external `DATABASE_URL`, else the embedded server's socket."""
     if settings.database_url:
         return settings.sqlalchemy_url
-    from recsys.services import embedded_database_url
+    from recsys.platform.embedded import embedded_database_url
 
     return embedded_database_url(settings)
 
@@ -32,13 +32,12 @@ def _engine_key(settings: Settings) -> str:
     return f"embedded:{settings.pgdata}:{settings.db_name}"
 
 
-def get_engine(settings: Settings | None = None) -> Engine:
+def get_engine(settings: Settings) -> Engine:
     """The process's engine for these settings; a forked child gets its own pool.
 
     Called on every database access, so the lookup is a dict read: the URL (for the embedded
     server, found from its postmaster.pid) is worked out only when the engine is made.
     """
-    settings = settings or get_settings()
     key = (os.getpid(), _engine_key(settings))
     engine = _engines.get(key)
     if engine is not None:
@@ -59,7 +58,7 @@ def dispose_engines() -> None:
 
 
 @contextmanager
-def session_scope(settings: Settings | None = None) -> Iterator[Session]:
+def session_scope(settings: Settings) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
     factory = sessionmaker(bind=get_engine(settings), expire_on_commit=False)
     session = factory()

@@ -9,40 +9,41 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from recsys.config import Settings, get_settings
-from recsys.db import get_engine
+from recsys.config import Settings
+from recsys.platform.db import get_engine
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
 SQL_DIR = PROJECT_ROOT / "sql"
 
 
 def alembic_config(settings: Settings | None = None) -> Config:
+    """Alembic's config for our migrations; `settings` (the database to act on) is left out for offline reads."""
     config = Config(str(PROJECT_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["configure_logging"] = False
-    config.attributes["settings"] = settings or get_settings()
+    if settings is not None:
+        config.attributes["settings"] = settings
     return config
 
 
-def _with_connection(settings: Settings | None, action) -> None:
-    settings = settings or get_settings()
+def _with_connection(settings: Settings, action) -> None:
     config = alembic_config(settings)
     with get_engine(settings).begin() as connection:
         config.attributes["connection"] = connection
         action(config)
 
 
-def upgrade(settings: Settings | None = None, revision: str = "head") -> None:
+def upgrade(settings: Settings, revision: str = "head") -> None:
     _with_connection(settings, lambda config: command.upgrade(config, revision))
 
 
-def downgrade(settings: Settings | None = None, revision: str = "-1") -> None:
+def downgrade(settings: Settings, revision: str = "-1") -> None:
     _with_connection(settings, lambda config: command.downgrade(config, revision))
 
 
-def current_revision(settings: Settings | None = None) -> str | None:
-    with get_engine(settings or get_settings()).connect() as connection:
+def current_revision(settings: Settings) -> str | None:
+    with get_engine(settings).connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
 
 
@@ -50,6 +51,6 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def check(settings: Settings | None = None) -> None:
+def check(settings: Settings) -> None:
     """Raise if the models and the migrated schema differ (`alembic check`)."""
     _with_connection(settings, command.check)

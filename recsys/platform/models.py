@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
@@ -28,7 +29,20 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 EMBEDDING_DIM = 384
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+class JobStatus(StrEnum):
+    """A job's life: queued → running → succeeded | failed, or cancelled before it starts."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+JOB_STATUSES = tuple(status.value for status in JobStatus)
+FINISHED_STATUSES = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
 FEEDBACK_EVENTS = ("shown", "clicked", "purchased")
 
 
@@ -124,7 +138,7 @@ class Job(Base):
 
     __table_args__ = (
         CheckConstraint(
-            "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="ck_jobs_status"
+            "status IN (" + ", ".join(f"'{status}'" for status in JOB_STATUSES) + ")", name="ck_jobs_status"
         ),
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_cache_key", "cache_key"),

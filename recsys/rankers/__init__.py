@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from recsys.config import Settings, get_settings
+from recsys.config import Settings
 from recsys.rankers.base import (
     Candidate,
     HistoryItem,
@@ -58,13 +58,12 @@ def is_llm_ranker(name: str) -> bool:
 def get_ranker(
     name: str,
     *,
-    settings: Settings | None = None,
+    settings: Settings,
     stats: ItemStats | None = None,
     model=None,
 ) -> Ranker:
     """The ranker called `name`. LLM rankers use `model` or load (once) the configured one;
     `popularity` and `copurchase` need `stats`."""
-    settings = settings or get_settings()
     if name == "retrieval":
         from recsys.rankers.classical import RetrievalRanker
 

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from recsys.config import Settings, get_settings
+from recsys.config import Settings
 from recsys.llm.loading import LoadedModel
 from recsys.llm.prompts import PROMPT_VERSION, CustomerCase, one_line
 from recsys.rankers.base import Candidate, RankRequest, RankResult
@@ -110,8 +110,8 @@ class LLMRanker:
     uses_llm = True
     prompt_version = PROMPT_VERSION
 
-    def __init__(self, model: LoadedModel, settings: Settings | None = None) -> None:
-        self.settings = settings or get_settings()
+    def __init__(self, model: LoadedModel, settings: Settings) -> None:
+        self.settings = settings
         self.model = model
         self.max_candidates = max(1, int(self.settings.max_candidates))
         self.shortener = shortener_for(model.tokenizer)

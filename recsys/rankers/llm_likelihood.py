@@ -27,7 +27,7 @@ from recsys.rankers.llm_common import LLMRanker, PreparedRequest
 class LikelihoodRanker(LLMRanker):
     name = "llm-likelihood"
 
-    def __init__(self, model: LoadedModel, settings: Settings | None = None) -> None:
+    def __init__(self, model: LoadedModel, settings: Settings) -> None:
         super().__init__(model, settings)
         self.share_prompts = supports_shared_prompts(model)
 

@@ -83,7 +83,7 @@ def candidate_orders(count: int, permutations: int, seed: int) -> list[list[int]
 class VerbalizerRanker(LLMRanker):
     name = "llm-verbalizer"
 
-    def __init__(self, model: LoadedModel, settings: Settings | None = None) -> None:
+    def __init__(self, model: LoadedModel, settings: Settings) -> None:
         super().__init__(model, settings)
         if self.max_candidates > len(VERBALIZER_LABELS):
             raise ValueError(

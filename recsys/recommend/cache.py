@@ -14,9 +14,10 @@ import json
 
 from sqlalchemy import Connection, text
 
+from recsys.catalog.embedding import query_dtype
 from recsys.config import Settings
-from recsys.embedding import query_dtype
-from recsys.pipeline import RecommendationRequest, model_identity
+from recsys.recommend.pipeline import model_identity
+from recsys.recommend.request import RecommendationRequest
 
 KEY_VERSION = 1
 

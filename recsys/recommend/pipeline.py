@@ -19,12 +19,13 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from recsys.config import Settings, get_settings
-from recsys.embedding import encode_queries
+from recsys.catalog.embedding import encode_queries
+from recsys.catalog.history import HISTORY_ITEMS, history_vectors, recent_histories
+from recsys.catalog.retrieval import search_many
+from recsys.config import Settings
 from recsys.rankers import (
-    RANKER_NAMES,
     Candidate,
     HistoryItem,
     Ranker,
@@ -33,85 +34,11 @@ from recsys.rankers import (
     get_ranker,
     is_llm_ranker,
 )
-from recsys.retrieval import DatabaseItemStats, history_vectors, recent_histories, search_many
+from recsys.rankers.item_stats import DatabaseItemStats
+from recsys.recommend.ordering import final_order
+from recsys.recommend.request import RecommendationRequest, RequestError
 
 log = logging.getLogger(__name__)
-
-MAX_K = 50
-HISTORY_ITEMS = 10
-MAX_QUERY_CHARS = 500
-
-
-class RequestError(ValueError):
-    """A request that cannot be served as given; the message says why, for the client."""
-
-
-@dataclass(frozen=True)
-class RecommendationRequest:
-    customer_id: int | None
-    query: str | None = None
-    k: int = 10
-    ranker: str | None = None
-    explain: bool = False
-    exclude_purchased: bool = False
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RecommendationRequest:
-        """Build and validate from JSON-like input; wrong types become RequestError."""
-        if not isinstance(data, dict):
-            raise RequestError("the request must be a JSON object")
-        unknown = set(data) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise RequestError(f"unknown field(s): {', '.join(sorted(unknown))}")
-        customer_id = data.get("customer_id")
-        if customer_id is not None and (isinstance(customer_id, bool) or not isinstance(customer_id, int)):
-            raise RequestError("customer_id must be an integer")
-        query = data.get("query")
-        if query is not None and not isinstance(query, str):
-            raise RequestError("query must be a string")
-        k = data.get("k", 10)
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise RequestError("k must be an integer")
-        ranker = data.get("ranker")
-        if ranker is not None and not isinstance(ranker, str):
-            raise RequestError("ranker must be a string")
-        for flag in ("explain", "exclude_purchased"):
-            if not isinstance(data.get(flag, False), bool):
-                raise RequestError(f"{flag} must be true or false")
-        request = cls(
-            customer_id=customer_id,
-            query=query.strip() if query and query.strip() else None,
-            k=k,
-            ranker=ranker,
-            explain=data.get("explain", False),
-            exclude_purchased=data.get("exclude_purchased", False),
-        )
-        request.validate()
-        return request
-
-    def validate(self) -> None:
-        if not 1 <= self.k <= MAX_K:
-            raise RequestError(f"k must be between 1 and {MAX_K}, got {self.k}")
-        if self.customer_id is None and not self.query:
-            raise RequestError("a request needs a query, a customer_id, or both")
-        if self.customer_id is not None and self.customer_id <= 0:
-            raise RequestError("customer_id must be a positive integer")
-        if self.query and len(self.query) > MAX_QUERY_CHARS:
-            raise RequestError(f"query is longer than {MAX_QUERY_CHARS} characters")
-        if self.ranker is not None and self.ranker not in RANKER_NAMES:
-            raise RequestError(f"unknown ranker {self.ranker!r}; choose one of {', '.join(RANKER_NAMES)}")
-        if self.exclude_purchased and self.customer_id is None:
-            raise RequestError("exclude_purchased needs a customer_id")
-
-    def with_defaults(self, settings: Settings) -> RecommendationRequest:
-        """The same request with the ranker filled in from settings, so it can be cached and replayed."""
-        if self.ranker:
-            return self
-        return RecommendationRequest(**{**asdict(self), "ranker": settings.ranker})
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 _rankers: dict[tuple, Ranker] = {}
 _rankers_lock = threading.Lock()
@@ -147,19 +74,18 @@ class _Prepared:
     cold_start: bool
 
 
-def recommend(request: RecommendationRequest, settings: Settings | None = None, ranker: Ranker | None = None) -> dict:
+def recommend(request: RecommendationRequest, settings: Settings, ranker: Ranker | None = None) -> dict:
     """One recommendation; see `recommend_batch`."""
     return recommend_batch([request], settings, ranker=ranker)[0]
 
 
 def recommend_batch(
-    requests: Sequence[RecommendationRequest], settings: Settings | None = None, ranker: Ranker | None = None
+    requests: Sequence[RecommendationRequest], settings: Settings, ranker: Ranker | None = None
 ) -> list[dict]:
     """Recommendations for many requests, ranked one batch per ranker. Results keep the input order.
 
     `ranker` overrides the registry (the evaluation and tests pass their own).
     """
-    settings = settings or get_settings()
     requests = [r.with_defaults(settings) for r in requests]
     for request in requests:
         request.validate()
@@ -262,10 +188,9 @@ def _result(
     """Stage 4: order, cut to k, and record everything that explains the answer."""
     request = prepared.request
     by_code = {c.stock_code: c for c in prepared.candidates}
-    ranked = {c.stock_code for c in rank_request.candidates}
-    order = [code for code in dict.fromkeys(outcome.order) if code in ranked]
-    placed = set(order)
-    order += [c.stock_code for c in prepared.candidates if c.stock_code not in placed]
+    order = final_order(
+        outcome.order, (c.stock_code for c in rank_request.candidates), [c.stock_code for c in prepared.candidates]
+    )
     explanations = outcome.explanations or {}
     items = [
         {

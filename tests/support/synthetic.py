@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from recsys.llm.loading import LoadedModel, configure_tokenizer, save_packaged_tokenizer, wrap_model
+from recsys.llm.acquisition import save_packaged_tokenizer
+from recsys.llm.loading import LoadedModel, configure_tokenizer, wrap_model
 
 _tokenizers: dict[Path, object] = {}
 _tokenizers_lock = threading.Lock()

@@ -1,18 +1,12 @@
-"""Small reads and one write the pages and the API need that the core has no use for.
-
-Listing pages (customers, products, a long history) and storing feedback events; everything
-else goes through recsys.retrieval and recsys.jobs.
-"""
+"""Pages of the catalog for people browsing it: customers, products, one customer, does a product exist."""
 
 from __future__ import annotations
 
-import uuid
-
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, select
 
 from recsys.config import Settings
-from recsys.db import get_engine
-from recsys.models import Customer, FeedbackEvent, Product, Purchase
+from recsys.platform.db import get_engine
+from recsys.platform.models import Customer, Product
 
 
 def customer(customer_id: int, settings: Settings) -> dict | None:
@@ -52,28 +46,3 @@ def list_products(limit: int, offset: int, settings: Settings) -> tuple[list[dic
             .offset(offset)
         ).all()
     return [dict(r._mapping) for r in rows], total
-
-
-def history_page(customer_id: int, limit: int, offset: int, settings: Settings) -> tuple[list[dict], int]:
-    """One page of a customer's distinct products, most recent first (SQL `customer_history`)."""
-    with get_engine(settings).connect() as conn:
-        total = conn.execute(
-            select(func.count(func.distinct(Purchase.stock_code))).where(Purchase.customer_id == customer_id)
-        ).scalar_one()
-        rows = conn.execute(
-            text("SELECT * FROM customer_history(:customer, :n) OFFSET :offset"),
-            {"customer": customer_id, "n": limit + offset, "offset": offset},
-        ).all()
-    return [dict(r._mapping) for r in rows], total
-
-
-def add_feedback(event: str, stock_code: str, customer_id: int | None, job_id: uuid.UUID | None,
-                 position: int | None, settings: Settings) -> dict:
-    with get_engine(settings).begin() as conn:
-        row = conn.execute(
-            insert(FeedbackEvent)
-            .values(event=event, stock_code=stock_code, customer_id=customer_id, job_id=job_id, position=position)
-            .returning(FeedbackEvent.id, FeedbackEvent.created_at)
-        ).one()
-    return {"id": row.id, "event": event, "stock_code": stock_code, "customer_id": customer_id,
-            "job_id": str(job_id) if job_id else None, "position": position, "created_at": row.created_at.isoformat()}

@@ -1,0 +1,121 @@
+"""Reading jobs: one job, pages of them, counts, throughput and the result cache's figures."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import text
+
+from recsys.config import Settings
+from recsys.jobs.store import JOB_COLUMNS, job_dict, parse_job_id
+from recsys.platform.db import get_engine
+from recsys.platform.models import FINISHED_STATUSES, JOB_STATUSES
+from recsys.recommend import cache
+from recsys.recommend.request import RequestError
+
+
+def get_job(job_id, settings: Settings) -> dict | None:
+    """One job with its request, result, error, attempts, worker and timings; None if unknown."""
+    parsed = parse_job_id(job_id)
+    if parsed is None:
+        return None
+    with get_engine(settings).connect() as conn:
+        row = conn.execute(
+            text(f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE id = :id"), {"id": parsed}
+        ).one_or_none()
+    return job_dict(row) if row is not None else None
+
+
+def check_status(status: str | None) -> None:
+    """A status filter must name a real status (RequestError otherwise)."""
+    if status is not None and status not in JOB_STATUSES:
+        raise RequestError(f"unknown job status {status!r}; choose one of {', '.join(JOB_STATUSES)}")
+
+
+def list_jobs(settings: Settings, *, status: str | None = None, limit: int = 50, offset: int = 0) -> list[dict]:
+    """Newest jobs first, like `get_job` but without the (large) result."""
+    check_status(status)
+    if not 1 <= limit <= 1000:
+        raise RequestError(f"limit must be between 1 and 1000, got {limit}")
+    if offset < 0:
+        raise RequestError(f"offset must not be negative, got {offset}")
+    with get_engine(settings).connect() as conn:
+        rows = conn.execute(
+            text(
+                f"""
+                SELECT {JOB_COLUMNS} FROM jobs
+                WHERE CAST(:status AS text) IS NULL OR status = :status
+                ORDER BY created_at DESC, id LIMIT :limit OFFSET :offset
+                """
+            ),
+            {"status": status, "limit": limit, "offset": offset},
+        ).all()
+    return [job_dict(row, include_result=False) for row in rows]
+
+
+def count_jobs(settings: Settings, status: str | None = None) -> int:
+    check_status(status)
+    with get_engine(settings).connect() as conn:
+        return conn.execute(
+            text("SELECT count(*) FROM jobs WHERE CAST(:status AS text) IS NULL OR status = :status"),
+            {"status": status},
+        ).scalar_one()
+
+
+def job_counts(settings: Settings) -> dict[str, int]:
+    """Jobs per status, every status present (0 when none)."""
+    with get_engine(settings).connect() as conn:
+        rows = conn.execute(text("SELECT status, count(*) AS n FROM jobs GROUP BY status")).all()
+    counts = dict.fromkeys(JOB_STATUSES, 0)
+    counts.update({row.status: row.n for row in rows})
+    return counts
+
+
+def job_throughput(settings: Settings, window_seconds: int = 3600) -> dict:
+    """Jobs finished in the last `window_seconds`: count, jobs/s, and submit→finished latency p50/p95 (ms)."""
+    if window_seconds <= 0:
+        raise RequestError(f"window must be positive, got {window_seconds}")
+    with get_engine(settings).connect() as conn:
+        row = conn.execute(
+            text(
+                """
+                SELECT count(*) AS finished,
+                       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+                       count(*) FILTER (WHERE status = 'failed') AS failed,
+                       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
+                           AS p50, percentile_cont(0.95) WITHIN GROUP
+                           (ORDER BY extract(epoch FROM finished_at - created_at)) AS p95,
+                       extract(epoch FROM max(finished_at) - min(created_at)) AS span
+                FROM jobs
+                WHERE status IN ('succeeded', 'failed') AND finished_at >= now() - make_interval(secs => :window)
+                """
+            ),
+            {"window": window_seconds},
+        ).one()
+    span = float(row.span) if row.span else None
+    return {
+        "window_seconds": window_seconds,
+        "finished": row.finished,
+        "succeeded": row.succeeded,
+        "failed": row.failed,
+        "jobs_per_second": round(row.finished / window_seconds, 3),
+        "busy_jobs_per_second": round(row.finished / span, 2) if span else None,
+        "p50_ms": round(float(row.p50) * 1000, 1) if row.p50 is not None else None,
+        "p95_ms": round(float(row.p95) * 1000, 1) if row.p95 is not None else None,
+    }
+
+
+def cache_stats(settings: Settings) -> dict:
+    """Cache entries and hits."""
+    with get_engine(settings).connect() as conn:
+        return cache.stats(conn)
+
+
+def wait_for_job(job_id, settings: Settings, timeout: float = 60.0, poll: float = 0.05) -> dict | None:
+    """Poll until the job is finished or `timeout` passes; the job as `get_job` shows it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = get_job(job_id, settings)
+        if job is None or job["status"] in FINISHED_STATUSES or time.monotonic() >= deadline:
+            return job
+        time.sleep(poll)

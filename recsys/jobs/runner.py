@@ -1,0 +1,361 @@
+"""The worker side of jobs: claim a job and a batch of queued ones, rank them together, record the outcome.
+
+A worker claims jobs in the database (UPDATE … FOR UPDATE SKIP LOCKED), so no two workers run
+one job and a message whose job is already finished does nothing. A claimed job holds a lease
+(`RECSYS_JOB_STALE_SECONDS` long) that the worker process renews while it works. A job left
+`running` by a killed worker is claimed again when its lease has run out, or at once when its
+owner is a process on this host that no longer exists; every state change after the claim
+checks (worker, attempts), so a worker that lost its claim can never overwrite the new owner's result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Connection, text
+
+from recsys.config import Settings
+from recsys.jobs.retry import backoff_seconds, busy_retry_seconds, lease_seconds
+from recsys.jobs.store import RECOMMENDATION, dumps, parse_job_id, quick_commit, readable
+from recsys.jobs.submit import send_job
+from recsys.platform.db import get_engine
+from recsys.platform.models import FINISHED_STATUSES
+from recsys.recommend.pipeline import recommend_batch
+from recsys.recommend.request import RecommendationRequest, RequestError
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.01
+
+
+@dataclass
+class RunOutcome:
+    """What one `run_job` call found or did for its job; `retry_in` asks the caller to try again later."""
+
+    job_id: str
+    status: str
+    result: dict | None = None
+    error: str | None = None
+    ran: bool = False
+    retry_in: float | None = None
+    others: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"job_id": self.job_id, "status": self.status, "result": self.result, "error": self.error}
+
+
+@dataclass
+class _Claimed:
+    id: uuid.UUID
+    request: dict
+    cache_key: str | None
+    attempts: int
+    prior_error: str | None = None
+
+
+def worker_identity(pid: int | None = None) -> str:
+    """host:pid of the process that runs jobs; stored in jobs.worker and used to tell a dead owner."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+def _owner_is_gone(owner: str | None, job_id: uuid.UUID, me: str) -> bool:
+    """True when the job's owner surely stopped working on it: this process, no longer busy with it
+    (an earlier attempt here broke off, e.g. while the database restarted), or a process on this host
+    that no longer runs (or is a zombie). Owners elsewhere are judged by their lease alone."""
+    if not owner or ":" not in owner:
+        return False
+    if owner == me:
+        with _active_lock:
+            return job_id not in _active
+    host, _, pid_text = owner.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" in status or "\nState:\tX" in status
+
+
+_active: set[uuid.UUID] = set()
+_active_lock = threading.Lock()
+_processed = 0
+
+
+def _track(ids: Sequence[uuid.UUID], active: bool) -> None:
+    with _active_lock:
+        if active:
+            _active.update(ids)
+        else:
+            _active.difference_update(ids)
+
+
+def _claim_sql(where: str) -> str:
+    return f"""
+        UPDATE jobs AS j
+        SET status = 'running', attempts = j.attempts + 1, started_at = now(), worker = :worker,
+            lease_expires_at = now() + make_interval(secs => :lease), run_after = NULL, updated_at = now()
+        FROM (SELECT id FROM jobs WHERE {where} FOR UPDATE SKIP LOCKED) AS c
+        WHERE j.id = c.id
+        RETURNING j.id, j.request, j.cache_key, j.attempts, j.error
+    """
+
+
+_CLAIM_OWN = _claim_sql(
+    "id = :id AND kind = :kind AND (status = 'queued' OR (status = 'running' AND lease_expires_at < now()))"
+)
+_CLAIM_FROM_DEAD = _claim_sql(
+    "id = :id AND kind = :kind AND status = 'running' AND worker = :owner AND attempts = :attempts"
+)
+_CLAIM_QUEUED = _claim_sql(
+    "status = 'queued' AND kind = :kind AND (run_after IS NULL OR run_after <= now()) "
+    "ORDER BY created_at LIMIT :n"
+)
+
+
+def _claim(conn: Connection, sql: str, params: dict) -> list[_Claimed]:
+    rows = conn.execute(text(sql), params).all()
+    return [_Claimed(row.id, row.request, row.cache_key, row.attempts, row.error) for row in rows]
+
+
+def run_job(job_id, settings: Settings, *, worker: str) -> RunOutcome:
+    """Handle one job's message: claim it, drain more queued jobs into a batch, rank them together, record.
+
+    Finished jobs are left alone (checked first with one cheap read: most messages of a busy
+    worker find their job already ranked in an earlier batch); a job another live worker holds
+    asks to be retried later.
+    """
+    parsed = parse_job_id(job_id)
+    if parsed is None:
+        return RunOutcome(str(job_id), "missing", error=f"{job_id!r} is not a job id")
+    params = {"id": parsed, "kind": RECOMMENDATION, "worker": worker, "lease": lease_seconds(settings)}
+    with get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        known = conn.execute(
+            text("SELECT status, result, error FROM jobs WHERE id = :id AND status IN ('succeeded', 'failed', "
+                 "'cancelled')"), {"id": parsed}
+        ).one_or_none()
+    if known is not None:
+        return RunOutcome(str(parsed), known.status, result=known.result, error=known.error)
+    with quick_commit(settings) as conn:
+        own = _claim(conn, _CLAIM_OWN, params)
+        if not own:
+            row = conn.execute(
+                text("SELECT status, result, error, worker, attempts, lease_expires_at - now() AS left_ "
+                     "FROM jobs WHERE id = :id"), {"id": parsed}
+            ).one_or_none()
+            if row is None:
+                return RunOutcome(str(parsed), "missing", error="no such job")
+            if row.status in FINISHED_STATUSES:
+                return RunOutcome(str(parsed), row.status, result=row.result, error=row.error)
+            if row.status == "running" and _owner_is_gone(row.worker, parsed, worker):
+                log.warning("job %s: its worker %s is gone; taking it over", parsed, row.worker)
+                own = _claim(conn, _CLAIM_FROM_DEAD, {**params, "owner": row.worker, "attempts": row.attempts})
+            if not own:
+                left = row.left_.total_seconds() if row.left_ is not None else 0.0
+                return RunOutcome(str(parsed), row.status, retry_in=busy_retry_seconds(left))
+    _track([own[0].id], True)
+    batch = own
+    try:
+        _drain(batch, params, settings)
+        outcomes = _process(batch, worker, settings)
+    finally:
+        _track([c.id for c in batch], False)
+    mine = outcomes.pop(own[0].id)
+    mine.ran = True
+    mine.others = [o.summary() for o in outcomes.values() if o.status in FINISHED_STATUSES]
+    for other in outcomes.values():
+        if other.retry_in is not None:
+            send_job(other.job_id, settings, countdown=other.retry_in)
+    return mine
+
+
+def _drain(batch: list[_Claimed], params: dict, settings: Settings) -> None:
+    """Claim queued jobs into `batch` until it holds batch_size, waiting at most batch_wait_ms for them to arrive.
+
+    Appends as it goes, so the caller releases every claimed job even if a later claim fails.
+    """
+    deadline = time.monotonic() + settings.batch_wait_ms / 1000
+    while len(batch) < settings.batch_size:
+        with quick_commit(settings) as conn:
+            got = _claim(conn, _CLAIM_QUEUED, {**params, "n": settings.batch_size - len(batch)})
+        _track([c.id for c in got], True)
+        batch += got
+        remaining = deadline - time.monotonic()
+        if len(batch) >= settings.batch_size or remaining <= 0:
+            return
+        time.sleep(min(POLL_SECONDS, remaining))
+
+
+def _process(batch: list[_Claimed], worker: str, settings: Settings) -> dict[uuid.UUID, RunOutcome]:
+    """Rank the batch in one pipeline call; if that fails, run each job alone so one bad job fails alone."""
+    global _processed
+    outcomes: dict[uuid.UUID, RunOutcome] = {}
+    runnable: list[tuple[_Claimed, RecommendationRequest]] = []
+    failures: list[tuple[_Claimed, str, bool]] = []
+    for job in batch:
+        if job.attempts > settings.job_max_attempts:
+            reason = f"gave up after {job.attempts - 1} attempts: the worker running it was lost"
+            failures.append((job, reason + (f" (last error: {job.prior_error})" if job.prior_error else ""), False))
+            continue
+        try:
+            runnable.append((job, RecommendationRequest.from_dict(job.request)))
+        except RequestError as exc:
+            failures.append((job, f"invalid request: {exc}", False))
+    successes: list[tuple[_Claimed, dict]] = []
+    if runnable:
+        try:
+            results = recommend_batch([r for _, r in runnable], settings)
+            successes = [(job, result) for (job, _), result in zip(runnable, results, strict=True)]
+        except Exception as exc:
+            if len(runnable) == 1 or _is_time_limit(exc):
+                failures += [(job, readable(exc), not isinstance(exc, RequestError)) for job, _ in runnable]
+            else:
+                log.warning("batch of %d failed (%s); running its jobs one by one", len(runnable), readable(exc))
+                for job, request in runnable:
+                    try:
+                        successes.append((job, recommend_batch([request], settings)[0]))
+                    except Exception as one_exc:
+                        failures.append((job, readable(one_exc), not isinstance(one_exc, RequestError)))
+    recorded = _record_successes(successes, worker, settings)
+    for job, result in successes:
+        if job.id in recorded:
+            outcomes[job.id] = RunOutcome(str(job.id), "succeeded", result=result)
+        else:
+            log.warning("job %s was taken over by another worker; dropping this result", job.id)
+            outcomes[job.id] = RunOutcome(str(job.id), "running")
+    for job, message, retryable in failures:
+        outcomes[job.id] = _record_failure(job, message, retryable, worker, settings)
+    _processed += len(recorded)
+    return outcomes
+
+
+def _is_time_limit(exc: BaseException) -> bool:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    return isinstance(exc, SoftTimeLimitExceeded)
+
+
+def _record_successes(successes: list[tuple[_Claimed, dict]], worker: str, settings: Settings) -> set[uuid.UUID]:
+    """Store results and cache rows in one statement; only jobs this worker still owns are written."""
+    if not successes:
+        return set()
+    rows = [{"id": str(job.id), "attempts": job.attempts, "result": result} for job, result in successes]
+    with quick_commit(settings) as conn:
+        ids = conn.execute(
+            text(
+                """
+                WITH done AS (
+                    SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(id uuid, attempts int, result jsonb)
+                ), updated AS (
+                    UPDATE jobs AS j
+                    SET status = 'succeeded', result = done.result, error = NULL, finished_at = now(),
+                        lease_expires_at = NULL, run_after = NULL, updated_at = now()
+                    FROM done
+                    WHERE j.id = done.id AND j.attempts = done.attempts AND j.worker = :worker
+                      AND j.status = 'running'
+                    RETURNING j.id, j.cache_key, done.result
+                ), cached AS (
+                    INSERT INTO result_cache (cache_key, result, job_id)
+                    SELECT DISTINCT ON (cache_key) cache_key, result, id FROM updated WHERE cache_key IS NOT NULL
+                    ON CONFLICT (cache_key) DO UPDATE
+                        SET result = excluded.result, job_id = excluded.job_id, created_at = now()
+                )
+                SELECT id FROM updated
+                """
+            ),
+            {"rows": dumps(rows), "worker": worker},
+        ).scalars().all()
+    return set(ids)
+
+
+def _record_failure(job: _Claimed, message: str, retryable: bool, worker: str, settings: Settings) -> RunOutcome:
+    """Queue the job again after a backoff while attempts remain, else mark it failed with the message."""
+    final = not retryable or job.attempts >= settings.job_max_attempts
+    if final and retryable:
+        message = f"failed after {job.attempts} attempts: {message}"
+    delay = backoff_seconds(job.attempts)
+    with quick_commit(settings) as conn:
+        row = conn.execute(
+            text(
+                """
+                UPDATE jobs SET error = :error, lease_expires_at = NULL, updated_at = now(),
+                       status = CASE WHEN :final THEN 'failed' ELSE 'queued' END,
+                       finished_at = CASE WHEN :final THEN now() END,
+                       run_after = CASE WHEN :final THEN NULL ELSE now() + make_interval(secs => :delay) END,
+                       sent_at = CASE WHEN :final THEN sent_at ELSE now() + make_interval(secs => :delay) END
+                WHERE id = :id AND attempts = :attempts AND worker = :worker AND status = 'running'
+                RETURNING status
+                """
+            ),
+            {"error": message, "final": final, "delay": delay, "id": job.id, "attempts": job.attempts,
+             "worker": worker},
+        ).one_or_none()
+    if row is None:
+        return RunOutcome(str(job.id), "running")
+    if final:
+        log.warning("job %s failed: %s", job.id, message)
+        return RunOutcome(str(job.id), "failed", error=message)
+    log.info("job %s attempt %d failed (%s); retrying in %.0f s", job.id, job.attempts, message, delay)
+    return RunOutcome(str(job.id), "queued", error=message, retry_in=delay)
+
+
+def renew_leases(worker: str, settings: Settings) -> int:
+    """Extend the leases of the jobs this process is working on."""
+    with _active_lock:
+        ids = list(_active)
+    if not ids:
+        return 0
+    with quick_commit(settings) as conn:
+        return conn.execute(
+            text(
+                """
+                UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease)
+                WHERE id = ANY(:ids) AND worker = :worker AND status = 'running'
+                """
+            ),
+            {"ids": ids, "worker": worker, "lease": lease_seconds(settings)},
+        ).rowcount
+
+
+
+
+def active_jobs() -> int:
+    """How many jobs this process holds right now (for its heartbeat)."""
+    with _active_lock:
+        return len(_active)
+
+
+def processed_jobs() -> int:
+    """How many jobs this process has finished since it started."""
+    return _processed
+
+
+def prepare_worker(settings: Settings) -> None:
+    """Load what jobs need once per worker process (the embedding model, the default ranker's LLM)."""
+    from recsys.catalog.embedding import encode
+    from recsys.rankers import is_llm_ranker
+    from recsys.recommend.pipeline import ranker_for
+
+    try:
+        encode(["warm up"], settings)
+        if is_llm_ranker(settings.ranker):
+            ranker_for(settings.ranker, settings)
+    except Exception as exc:
+        log.error("worker could not load its models (jobs that need them will fail): %s", readable(exc))

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests and the benchmarks (tiny models, real worker processes); not shipped."""
