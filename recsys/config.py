@@ -34,6 +34,13 @@ def _bool(name: str, default: bool) -> bool:
     return raw.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = _env(name, default).strip().lower()
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """All configuration. Build with `Settings.from_env()`; override with `.with_(...)`."""
@@ -65,6 +72,8 @@ class Settings:
     secret_key: str | None = None
     secure_cookies: bool = False
     log_level: str = "INFO"
+    log_format: str = "text"
+    embedding_type: str = "vector"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -98,6 +107,8 @@ class Settings:
             secret_key=_env("RECSYS_SECRET_KEY"),
             secure_cookies=_bool("RECSYS_SECURE_COOKIES", cls.secure_cookies),
             log_level=_env("RECSYS_LOG_LEVEL", cls.log_level),
+            log_format=_choice("RECSYS_LOG_FORMAT", cls.log_format, ("text", "json")),
+            embedding_type=_choice("RECSYS_EMBEDDING_TYPE", cls.embedding_type, ("vector", "halfvec")),
         )
 
     def with_(self, **changes) -> Settings:
@@ -135,6 +146,17 @@ class Settings:
     @property
     def celery_broker_url(self) -> str:
         return self.broker_url or f"redis://127.0.0.1:{self.broker_port}/0"
+
+
+# settings read from a variable other than RECSYS_<FIELD NAME>
+_ENV_VAR_EXCEPTIONS = {"home": "RECSYS_HOME", "database_url": "DATABASE_URL", "broker_url": "CELERY_BROKER_URL"}
+
+
+def setting_env_vars() -> dict[str, str]:
+    """Each setting's environment variable (field name -> variable), the one list that `.env.example`,
+    docker-compose.yml and the deployment checks are compared with (tests/test_deploy.py holds
+    `from_env` to it)."""
+    return {f.name: _ENV_VAR_EXCEPTIONS.get(f.name, f"RECSYS_{f.name.upper()}") for f in fields(Settings)}
 
 
 def setting_names() -> list[str]:
