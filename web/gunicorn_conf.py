@@ -7,7 +7,7 @@ import tempfile
 import warnings
 
 from recsys.config import Settings
-from recsys.platform import embedded
+from recsys.platform import embedded, logs
 
 # Both must be in the environment before the workers fork and import the app.
 os.environ.setdefault("RECSYS_SECRET_KEY", secrets.token_hex(32))
@@ -31,6 +31,10 @@ graceful_timeout = 20
 keepalive = 5
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 loglevel = os.environ.get("RECSYS_LOG_LEVEL", "info").lower()
+# RECSYS_LOG_FORMAT=json: gunicorn's error and access logs and the app's loggers, one JSON object a line
+_json_logging = logs.gunicorn_logconfig(Settings.from_env())
+if _json_logging:
+    logconfig_dict = _json_logging
 
 
 def child_exit(server, worker):

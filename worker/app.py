@@ -21,6 +21,7 @@ from kombu import Queue
 
 from recsys import jobs
 from recsys.config import get_settings
+from recsys.platform import logs
 from recsys.platform.broker import DEFAULT_QUEUE, RERANK_QUEUE, RERANK_TASK, SUBMIT_TASK, SWEEP_TASK, client_config
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,14 @@ app.conf.update(
 )
 
 _heartbeat: jobs.Heartbeat | None = None
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger=None, **_kwargs) -> None:
+    """RECSYS_LOG_FORMAT=json: Celery's own handlers write one JSON object a line."""
+    if logger is not None:
+        logs.use_format(logger.handlers, settings)
 
 
 @signals.worker_process_init.connect

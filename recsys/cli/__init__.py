@@ -7,8 +7,9 @@ import warnings
 
 import click
 
-from recsys.cli import data, evaluate, jobs, llm, services, up, web
+from recsys.cli import data, deploy, evaluate, jobs, llm, services, up, web
 from recsys.config import get_settings
+from recsys.platform import logs
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,12 +17,13 @@ from recsys.config import get_settings
 def cli(verbose: bool) -> None:
     """recsys: LLM-reranked product recommendations on PostgreSQL + pgvector."""
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-    level = logging.INFO if verbose else getattr(logging, get_settings().log_level.upper(), logging.WARNING)
-    logging.basicConfig(level=max(level, logging.INFO) if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    level = logging.INFO if verbose else getattr(logging, settings.log_level.upper(), logging.WARNING)
+    logging.basicConfig(level=max(level, logging.INFO) if verbose else logging.WARNING, format=logs.TEXT_FORMAT)
+    logs.use_format(logging.getLogger().handlers, settings)
 
 
-for module in (services, data, llm, jobs, up, web, evaluate):
+for module in (services, data, llm, jobs, up, web, evaluate, deploy):
     module.register(cli)
 
 
