@@ -1,5 +1,5 @@
 """SQL surface for analysts: similar_products, search_products, hybrid_search, customer_history,
-product_popularity and the copurchase materialized view (files in sql/).
+product_popularity and the copurchase materialized view (definitions frozen in sql/0002/).
 
 Revision ID: 0002
 Revises: 0001
@@ -7,19 +7,27 @@ Revises: 0001
 
 from collections.abc import Sequence
 
-from alembic import op
-
-from recsys.platform.sql_objects import drop_statements, execute_raw, install_statements
+from recsys.platform.sql_objects import install_objects
 
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+SQL_OBJECTS = (
+    "product_popularity",
+    "copurchase",
+    "similar_product",
+    "similar_products",
+    "search_products",
+    "hybrid_search",
+    "customer_history",
+)
+
 
 def upgrade() -> None:
-    execute_raw(op.get_bind(), install_statements())
+    install_objects(SQL_OBJECTS, revision)
 
 
 def downgrade() -> None:
-    execute_raw(op.get_bind(), drop_statements())
+    install_objects(SQL_OBJECTS, down_revision)
