@@ -1,7 +1,10 @@
-"""What the benchmarks share: a free loopback port and a scratch database loaded with the bundled file."""
+"""What the benchmarks share: a free loopback port, a scratch database loaded with the bundled file, and the
+machine description (CPU model, cores, load average) every figure is reported with."""
 
 from __future__ import annotations
 
+import os
+import platform
 import socket
 import sys
 from pathlib import Path
@@ -21,6 +24,34 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (what `grep -m1 'model name' /proc/cpuinfo` prints)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def machine() -> dict:
+    """Where a figure was measured: the cores are shared, so the load average goes with every figure."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_average": load_average()}
+
+
+def ratio(system: float | None, baseline: float | None, digits: int = 3) -> float | None:
+    """system / baseline, the figure each goal is stated in."""
+    if not system or not baseline:
+        return None
+    return round(system / baseline, digits)
 
 
 def loaded_database(settings: Settings, name: str) -> Settings:
