@@ -44,6 +44,8 @@ class JobStatus(StrEnum):
 JOB_STATUSES = tuple(status.value for status in JobStatus)
 FINISHED_STATUSES = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
 FEEDBACK_EVENTS = ("shown", "clicked", "purchased")
+JOB_KINDS = ("recommendation", "discover")
+PURCHASE_SOURCES = ("ingest", "feedback")
 
 
 class Base(DeclarativeBase):
@@ -105,8 +107,12 @@ class Purchase(Base):
     unit_price: Mapped[Decimal] = mapped_column(Numeric(12, 3))
     invoiced_at: Mapped[datetime] = mapped_column(DateTime)
     country: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text, server_default="ingest")
 
     __table_args__ = (
+        CheckConstraint(
+            "source IN (" + ", ".join(f"'{source}'" for source in PURCHASE_SOURCES) + ")", name="ck_purchases_source"
+        ),
         Index("ix_purchases_customer_invoiced", "customer_id", text("invoiced_at DESC")),
         Index("ix_purchases_stock_code", "stock_code"),
         Index("ix_purchases_invoice_no", "invoice_no"),
@@ -140,6 +146,7 @@ class Job(Base):
         CheckConstraint(
             "status IN (" + ", ".join(f"'{status}'" for status in JOB_STATUSES) + ")", name="ck_jobs_status"
         ),
+        CheckConstraint("kind IN (" + ", ".join(f"'{kind}'" for kind in JOB_KINDS) + ")", name="ck_jobs_kind"),
         Index("ix_jobs_status_created", "status", "created_at"),
         Index("ix_jobs_cache_key", "cache_key"),
         Index("ix_jobs_queued_created", "created_at", postgresql_where=text("status = 'queued'")),
@@ -171,10 +178,13 @@ class FeedbackEvent(Base):
     job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     position: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
+    details: Mapped[dict | None] = mapped_column(JSONB)
 
     __table_args__ = (
         CheckConstraint("event IN ('shown', 'clicked', 'purchased')", name="ck_feedback_events_event"),
         Index("ix_feedback_events_customer_created", "customer_id", "created_at"),
+        Index("ix_feedback_events_job", "job_id"),
     )
 
 
