@@ -19,6 +19,7 @@ import numpy as np
 from sqlalchemy import text
 
 from recsys.config import Settings
+from recsys.platform import hnsw
 from recsys.platform.db import get_engine
 from recsys.platform.hardware import cpu_has_native_bf16
 from recsys.platform.models import EMBEDDING_DIM
@@ -152,6 +153,11 @@ def vector_literal(vector: Sequence[float]) -> str:
     return "[" + ",".join(f"{float(x):.7g}" for x in vector) + "]"
 
 
+# products embedded in one run from which the HNSW index is built once afterwards (below this, rows
+# go into the existing graph one by one)
+BULK_INDEX_REBUILD = 20_000
+
+
 @dataclass
 class EmbedReport:
     model: str
@@ -173,7 +179,10 @@ def embed_products(
 ) -> EmbedReport:
     """Embed every product without an embedding from the configured model.
 
-    `progress(done, total)` is called after each batch.
+    `progress(done, total)` is called after each batch. A bulk run (at least BULK_INDEX_REBUILD
+    products, and at least as many as are embedded already) stores the vectors without the HNSW
+    index and builds it once at the end, with memory and parallel workers sized from the catalog
+    (`recsys.platform.hnsw`), instead of inserting into the graph row by row.
     """
     model_name = settings.embedding_model
     engine = get_engine(settings)
@@ -194,16 +203,30 @@ def embed_products(
     load_model(model_name)
     batch = max(settings.embedding_batch_size, 1) * 4
     done = 0
-    for start in range(0, total, batch):
-        chunk = todo[start:start + batch]
-        vectors = encode([row.description for row in chunk], settings)
-        _store(engine, [row.stock_code for row in chunk], vectors, model_name)
-        done += len(chunk)
-        if progress:
-            progress(done, total)
+    rebuild = total >= BULK_INDEX_REBUILD and total >= _embedded_count(engine)
+    if rebuild:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP INDEX IF EXISTS {hnsw.INDEX_NAME}"))
+    try:
+        for start in range(0, total, batch):
+            chunk = todo[start:start + batch]
+            vectors = encode([row.description for row in chunk], settings)
+            _store(engine, [row.stock_code for row in chunk], vectors, model_name)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    finally:
+        if rebuild:  # also after a failure: search must not be left without its index
+            with engine.begin() as conn:
+                hnsw.build_index(conn)
     seconds = time.perf_counter() - started
     log.info("embedded %d products with %s in %.1f s", total, model_name, seconds)
     return EmbedReport(model_name, total, seconds)
+
+
+def _embedded_count(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM products WHERE embedding IS NOT NULL")).scalar_one()
 
 
 def _store(engine, codes: Sequence[str], vectors: np.ndarray, model_name: str) -> None:

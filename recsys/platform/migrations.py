@@ -10,6 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from recsys.config import Settings
+from recsys.platform import hnsw
 from recsys.platform.db import get_engine
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +36,15 @@ def _with_connection(settings: Settings, action) -> None:
 
 
 def upgrade(settings: Settings, revision: str = "head") -> None:
-    _with_connection(settings, lambda config: command.upgrade(config, revision))
+    """Migrate; at head, also store embeddings as `settings.embedding_type` (vector or halfvec),
+    converting the column and rebuilding the HNSW index when the setting changed."""
+
+    def run(config: Config) -> None:
+        command.upgrade(config, revision)
+        if revision == "head":
+            hnsw.convert_embedding_type(config.attributes["connection"], settings.embedding_type)
+
+    _with_connection(settings, run)
 
 
 def downgrade(settings: Settings, revision: str = "-1") -> None:
