@@ -7,16 +7,52 @@ they never invent.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+CANDIDATE_SOURCES = ("vector", "repeat", "copurchase", "popular")
+
+EVIDENCE_FIELDS = {
+    "query_similarity": "cosine similarity to the query text's embedding (requests with a query)",
+    "history_similarity": "cosine similarity to the mean embedding of the customer's recent purchases",
+    "repeat_score": "the customer's recency-weighted purchase frequency of it (each invoice weighs "
+    "0.5 ** (age in days / RECSYS_REPEAT_HALF_LIFE_DAYS))",
+    "times_bought": "invoices in which the customer bought it",
+    "days_since_bought": "days from the customer's last purchase of it to the reference time",
+    "copurchase_sum": "invoices it shares with the customer's recent purchases, summed over them",
+    "copurchase_max": "invoices it shares with the one recent purchase it is bought with most",
+    "copurchase_with": "that recent purchase's stock code (a str, the only non-number)",
+    "popularity": "customers who ever bought it",
+    "popularity_30d": "customers who bought it in the 30 days up to the reference time",
+}
 
 
 @dataclass(frozen=True)
 class Candidate:
+    """A product a ranker may order, with where it came from and what the database knows about it.
+
+    `retrieval_score` is the cosine similarity to the request's search vector (the query text, or
+    the mean embedding of the recent purchases without one); the `retrieval` ranker orders by it.
+
+    `sources` maps each source that found it (`CANDIDATE_SOURCES`) to its 1-based rank there:
+    `vector` (nearest by embedding), `repeat` (the customer's own purchases by recency-weighted
+    frequency), `copurchase` (bought in the same invoices as the recent purchases, by invoices
+    shared), `popular` (customers in the last 30 days). Empty when the caller built the candidate
+    by hand (tests, old callers).
+
+    `evidence` holds what the candidate stage read for every merged candidate, whichever source
+    found it; keys are `EVIDENCE_FIELDS` (stable names; a key is absent where it does not apply,
+    e.g. no purchase of it, no query, no shared invoice). "Reference time" is the candidate
+    stage's `as_of` when given, else the newest purchase in the database (not the wall clock,
+    so a 2011 snapshot and a live shop compare alike).
+    """
+
     stock_code: str
     description: str
     retrieval_score: float
+    sources: Mapping[str, int] = field(default_factory=dict, hash=False)
+    evidence: Mapping[str, float | str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
