@@ -337,11 +337,14 @@ def generate_greedy(
     min_new_tokens: int = 0,
     max_tokens: int | None = None,
     max_rows: int = 64,
+    no_repeat_ngram_size: int = 0,
 ) -> list[Generation]:
     """Greedy continuations of each sequence, generated in left-padded micro-batches.
 
     `stop_after_lines` ends a row after that many lines or a blank line; `stop_loops` also
-    ends it once it keeps repeating earlier lines.
+    ends it once it keeps repeating earlier lines; `no_repeat_ngram_size` n forbids any n tokens
+    in a row that already occur in the row (prompt included), which keeps a small model from
+    writing one list item again and again in other words' company.
     """
     max_tokens = max_tokens or DEFAULT_TOKENS_PER_FORWARD  # decoding reads every weight per step: wide batches pay
     count = len(sequences)
@@ -363,6 +366,7 @@ def generate_greedy(
             min_new_tokens=min(min_new_tokens, new_tokens) or None,
             do_sample=False,
             num_beams=1,
+            no_repeat_ngram_size=no_repeat_ngram_size or None,
             pad_token_id=loaded.pad_token_id,
             eos_token_id=loaded.stop_token_ids,
         )
