@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from recsys.discover.parse import DEFAULT_CATEGORY, FALLBACK_CATEGORY, parse_ideas
-from recsys.discover.prompt import ANSWER_PREFIX, MAX_IDEAS, discover_prompt, make_case
+from recsys.discover.prompt import MAX_IDEAS, answer_prefix, discover_prompt, make_case, worked_ideas
 
 NEED = "a garden party next week"
 
@@ -117,17 +117,35 @@ def test_a_labelled_idea_word_inside_a_line_is_not_a_header():
     assert pairs(parsed) == [("Ideal gifts", "TEA SET"), ("Need-to-haves", "NAPKINS")]
 
 
-def test_prompt_shows_two_worked_answers_and_ends_in_the_answer_prefix():
-    prompt = discover_prompt(make_case("stocking the shop\nfor Christmas", "France", ["A", "", "B"]))
-    assert prompt.endswith("Need: stocking the shop for Christmas\n" + ANSWER_PREFIX)
-    assert prompt.count(ANSWER_PREFIX) == 3
-    assert prompt.count("Ideas:") == 2
+def test_summary_after_the_ideas_ends_the_answer():
+    text = "1. Tableware | PAPER CUPS\n2. Lighting | LANTERN\n3. Games | SKITTLES\nSummary: For a party.\n4. X | MORE\n"
+    parsed = parse_ideas(text, NEED)
+    assert parsed.summary == "For a party"
+    assert [idea.description for idea in parsed.ideas] == ["PAPER CUPS", "LANTERN", "SKITTLES"]
+
+
+def test_ideas_copied_from_the_worked_cases_are_dropped():
+    copied = sorted(worked_ideas())[:2]
+    text = f"1. A | {copied[0].lower()}\n2. B | {copied[1]}\n3. C | PAPER CUPS\nSummary: s\n"
+    parsed = parse_ideas(text, NEED)
+    assert [idea.description for idea in parsed.ideas] == ["PAPER CUPS"]
+    assert sum("copies a worked example" in problem for problem in parsed.problems) == 2
+    only_copies = parse_ideas(f"1. A | {copied[0]}\nSummary: s\n", NEED)
+    assert only_copies.fallback and pairs(only_copies) == [(FALLBACK_CATEGORY, NEED)]
+
+
+def test_prompt_shows_two_worked_answers_and_ends_at_the_first_idea():
+    case = make_case("stocking the shop\nfor Christmas", "France", ["A", "", "B"])
+    prompt = discover_prompt(case)
+    assert prompt.endswith("Need: stocking the shop for Christmas\n" + answer_prefix(case))
+    assert answer_prefix(case) == "Ideas for stocking the shop for Christmas:\n1."
+    assert prompt.count("Summary:") == 2
     assert "Customer: from France, recently bought A; B" in prompt
     worked_answers = prompt.split("Case 3")[0]
     for section in worked_answers.split("Case ")[1:]:
-        answer = section[section.index(ANSWER_PREFIX):]
-        parsed = parse_ideas(answer, "x")
-        assert 3 <= len(parsed.ideas) <= MAX_IDEAS and parsed.problems == []
+        answer = section[section.index("Ideas for"):]
+        parsed = parse_ideas(answer, "x", copied=frozenset())
+        assert 3 <= len(parsed.ideas) <= MAX_IDEAS and parsed.problems == [] and parsed.summary
 
 
 def test_prompt_without_a_profile_says_so():

@@ -1,8 +1,9 @@
 """Reading the model's discover answer without trusting it.
 
-The expected shape is a summary line, an "Ideas:" header and 3–5 lines "N. Category | DESCRIPTION".
-Small base models drift from it: they leave out the number or the header, use ':' or '-' instead
-of '|', repeat an idea, write more than five, or carry on with an invented next case. Each of
+The expected shape is 3–5 lines "N. Category | DESCRIPTION" and a "Summary:" line.
+Small base models drift from it: they leave out the number, use ':' or '-' instead of '|',
+repeat an idea, copy one from the worked cases, write more than five, put the summary first,
+or carry on with an invented next case. Each of
 these is tolerated and counted in `problems`; an answer with no usable idea at all falls back to
 the need itself as the one idea (`fallback`), so a discover request always has something to
 search for. Nothing here raises on bad text.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from recsys.discover.prompt import MAX_IDEAS, MIN_IDEAS
+from recsys.discover.prompt import MAX_IDEAS, MIN_IDEAS, worked_ideas
 from recsys.llm.parsing import normalize_name
 from recsys.llm.prompts import one_line
 
@@ -25,7 +26,7 @@ FALLBACK_CATEGORY = "Your need"
 
 _NUMBERED = re.compile(r"^(?:(\d{1,3})\s*[.):\]]|[-*\u2022])\s*(.*)$")
 _LABELLED = re.compile(r"^(summary|ideas?|customer|need)\s*:\s*(.*)$", re.I)
-_IDEAS_HEADER = re.compile(r"^ideas?$", re.I)
+_IDEAS_HEADER = re.compile(r"^ideas?(?:\s+for\s.*:|\s*:?)$", re.I)
 _CASE_HEADER = re.compile(r"^case\s*\d+\s*:?$", re.I)
 _CATEGORY_SEPARATORS = ("|", " - ", " \u2013 ", " \u2014 ", ": ")
 _DECORATION = " \t*_`\"'"
@@ -85,12 +86,15 @@ def _label(line: str) -> tuple[str, str] | None:
     return ("ideas" if word.startswith("idea") else word), match.group(2)
 
 
-def parse_ideas(text: str | None, need: str) -> ParsedIdeas:
-    """Summary and ideas from the answer text (which starts with the prompt's 'Summary:' prefix).
+def parse_ideas(text: str | None, need: str, copied: frozenset[str] | None = None) -> ParsedIdeas:
+    """Summary and ideas from the answer text (the prompt's "1." and what the model wrote after it).
 
-    Reading stops at the first sign of a new case (a 'Case', 'Customer:', 'Need:' or second
-    'Summary:' line, numbering that starts again at 1, or a blank or prose line after the ideas).
+    Reading stops after the summary line or at the first sign of a new case (a 'Case',
+    'Customer:' or 'Need:' line, numbering that starts again at 1, or a blank or prose line
+    after the ideas). Ideas that repeat one of `copied` (default: the worked cases' ideas, which
+    a small model copies whatever the need) are dropped.
     """
+    copied_keys = {normalize_name(text_) for text_ in (worked_ideas() if copied is None else copied)}
     summary: str | None = None
     ideas: list[Idea] = []
     seen: set[str] = set()
@@ -106,8 +110,10 @@ def parse_ideas(text: str | None, need: str) -> ParsedIdeas:
         label = _label(line)
         if label is not None:
             kind, rest = label
-            if kind == "summary" and summary is None and not items_seen:
+            if kind == "summary" and summary is None:
                 summary = _clean(rest, MAX_SUMMARY_CHARS) or None
+                if items_seen:
+                    break
                 continue
             if kind == "ideas" and not items_seen and not header_seen:
                 header_seen = True
@@ -138,6 +144,9 @@ def parse_ideas(text: str | None, need: str) -> ParsedIdeas:
         if not category:
             problems.append(f"idea {items_seen} has no category")
         key = normalize_name(description)
+        if key in copied_keys:
+            problems.append(f"idea {items_seen} copies a worked example")
+            continue
         if key in seen:
             problems.append(f"idea {items_seen} repeats an earlier one")
             continue
