@@ -55,6 +55,11 @@ class Settings:
     query_dtype: str = "auto"
     ef_search: int = 100
     retrieve_k: int = 100
+    vector_candidates: int = 100
+    repeat_candidates: int = 50
+    copurchase_candidates: int = 50
+    popular_candidates: int = 20
+    query_pool: int = 50
     llm_model: str = "packaged:gemma-3-270m"
     model_cache: Path | None = None
     device: str = "auto"
@@ -90,6 +95,11 @@ class Settings:
             query_dtype=_env("RECSYS_QUERY_DTYPE", cls.query_dtype),
             ef_search=_int("RECSYS_EF_SEARCH", cls.ef_search),
             retrieve_k=_int("RECSYS_RETRIEVE_K", cls.retrieve_k),
+            vector_candidates=_int("RECSYS_VECTOR_CANDIDATES", cls.vector_candidates),
+            repeat_candidates=_int("RECSYS_REPEAT_CANDIDATES", cls.repeat_candidates),
+            copurchase_candidates=_int("RECSYS_COPURCHASE_CANDIDATES", cls.copurchase_candidates),
+            popular_candidates=_int("RECSYS_POPULAR_CANDIDATES", cls.popular_candidates),
+            query_pool=_int("RECSYS_QUERY_POOL", cls.query_pool),
             llm_model=_env("RECSYS_LLM_MODEL", cls.llm_model),
             model_cache=Path(cache).expanduser().resolve() if cache else None,
             device=_env("RECSYS_DEVICE", cls.device),
