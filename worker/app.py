@@ -22,7 +22,15 @@ from kombu import Queue
 from recsys import jobs
 from recsys.config import get_settings
 from recsys.platform import logs
-from recsys.platform.broker import DEFAULT_QUEUE, RERANK_QUEUE, RERANK_TASK, SUBMIT_TASK, SWEEP_TASK, client_config
+from recsys.platform.broker import (
+    DEFAULT_QUEUE,
+    DISCOVER_TASK,
+    RERANK_QUEUE,
+    RERANK_TASK,
+    SUBMIT_TASK,
+    SWEEP_TASK,
+    client_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +62,7 @@ app.conf.update(
     task_time_limit=hard_time_limit,
     task_queues=(Queue(RERANK_QUEUE), Queue(DEFAULT_QUEUE)),
     task_routes={RERANK_TASK: {"queue": RERANK_QUEUE}, SUBMIT_TASK: {"queue": DEFAULT_QUEUE},
-                 SWEEP_TASK: {"queue": DEFAULT_QUEUE}},
+                 DISCOVER_TASK: {"queue": DEFAULT_QUEUE}, SWEEP_TASK: {"queue": DEFAULT_QUEUE}},
     broker_transport_options={
         **app.conf.broker_transport_options,
         "visibility_timeout": max(MIN_VISIBILITY_TIMEOUT, 2 * hard_time_limit),

@@ -2,7 +2,8 @@
 
 `recsys.rerank(job_id)` runs a job that already has a row (its Celery task id is the job id,
 so `AsyncResult(job_id)` gives the job's final summary). `recsys.submit(request, idempotency_key)`
-does `submit_recommendation` inside the worker, for clients without database access.
+does `submit_recommendation` inside the worker, for clients without database access, and
+`recsys.discover(request, idempotency_key)` the same for a discover request.
 `recsys.sweep()` is the periodic sweeper. When to retry is decided by `recsys.jobs.retry`.
 """
 
@@ -12,7 +13,7 @@ from celery import states
 
 from recsys import jobs
 from recsys.jobs.retry import MAX_INFRASTRUCTURE_RETRIES
-from recsys.platform.broker import RERANK_TASK, SUBMIT_TASK, SWEEP_TASK
+from recsys.platform.broker import DISCOVER_TASK, RERANK_TASK, SUBMIT_TASK, SWEEP_TASK
 from recsys.recommend.request import RequestError
 from worker.app import app, settings
 
@@ -55,6 +56,17 @@ def _answered_by_a_batch(task, job_id: str) -> bool:
 def submit(request: dict, idempotency_key: str | None = None) -> dict:
     try:
         outcome = jobs.submit_recommendation(request, settings, idempotency_key=idempotency_key)
+    except RequestError as exc:
+        return {"job_id": None, "status": "rejected", "error": str(exc), "result": None, "cached": False,
+                "created": False}
+    return outcome.as_dict()
+
+
+@app.task(name=DISCOVER_TASK)
+def discover(request: dict, idempotency_key: str | None = None) -> dict:
+    """`recsys.submit` for a discover request ({need, customer_id?, exclude_purchased?})."""
+    try:
+        outcome = jobs.submit_discover(request, settings, idempotency_key=idempotency_key)
     except RequestError as exc:
         return {"job_id": None, "status": "rejected", "error": str(exc), "result": None, "cached": False,
                 "created": False}

@@ -23,13 +23,13 @@ from pathlib import Path
 from sqlalchemy import Connection, text
 
 from recsys.config import Settings
+from recsys.jobs.kinds import JobKind, job_kind
 from recsys.jobs.retry import backoff_seconds, busy_retry_seconds, lease_seconds
-from recsys.jobs.store import RECOMMENDATION, dumps, parse_job_id, quick_commit, readable
+from recsys.jobs.store import dumps, parse_job_id, quick_commit, readable
 from recsys.jobs.submit import send_job
 from recsys.platform.db import get_engine
 from recsys.platform.models import FINISHED_STATUSES
-from recsys.recommend.pipeline import recommend_batch
-from recsys.recommend.request import RecommendationRequest, RequestError
+from recsys.recommend.request import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +145,15 @@ def run_job(job_id, settings: Settings, *, worker: str) -> RunOutcome:
     parsed = parse_job_id(job_id)
     if parsed is None:
         return RunOutcome(str(job_id), "missing", error=f"{job_id!r} is not a job id")
-    params = {"id": parsed, "kind": RECOMMENDATION, "worker": worker, "lease": lease_seconds(settings)}
     with get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        known = conn.execute(
-            text("SELECT status, result, error FROM jobs WHERE id = :id AND status IN ('succeeded', 'failed', "
-                 "'cancelled')"), {"id": parsed}
-        ).one_or_none()
-    if known is not None:
+        known = conn.execute(text("SELECT kind, status, result, error FROM jobs WHERE id = :id"),
+                             {"id": parsed}).one_or_none()
+    if known is None:
+        return RunOutcome(str(parsed), "missing", error="no such job")
+    if known.status in FINISHED_STATUSES:
         return RunOutcome(str(parsed), known.status, result=known.result, error=known.error)
+    kind = job_kind(known.kind)
+    params = {"id": parsed, "kind": kind.name, "worker": worker, "lease": lease_seconds(settings)}
     with quick_commit(settings) as conn:
         own = _claim(conn, _CLAIM_OWN, params)
         if not own:
@@ -174,7 +175,7 @@ def run_job(job_id, settings: Settings, *, worker: str) -> RunOutcome:
     batch = own
     try:
         _drain(batch, params, settings)
-        outcomes = _process(batch, worker, settings)
+        outcomes = _process(batch, kind, worker, settings)
     finally:
         _track([c.id for c in batch], False)
     mine = outcomes.pop(own[0].id)
@@ -203,11 +204,11 @@ def _drain(batch: list[_Claimed], params: dict, settings: Settings) -> None:
         time.sleep(min(POLL_SECONDS, remaining))
 
 
-def _process(batch: list[_Claimed], worker: str, settings: Settings) -> dict[uuid.UUID, RunOutcome]:
-    """Rank the batch in one pipeline call; if that fails, run each job alone so one bad job fails alone."""
+def _process(batch: list[_Claimed], kind: JobKind, worker: str, settings: Settings) -> dict[uuid.UUID, RunOutcome]:
+    """Run the batch (one kind) in one pipeline call; if that fails, run each job alone so one bad job fails alone."""
     global _processed
     outcomes: dict[uuid.UUID, RunOutcome] = {}
-    runnable: list[tuple[_Claimed, RecommendationRequest]] = []
+    runnable: list[tuple[_Claimed, object]] = []
     failures: list[tuple[_Claimed, str, bool]] = []
     for job in batch:
         if job.attempts > settings.job_max_attempts:
@@ -215,13 +216,13 @@ def _process(batch: list[_Claimed], worker: str, settings: Settings) -> dict[uui
             failures.append((job, reason + (f" (last error: {job.prior_error})" if job.prior_error else ""), False))
             continue
         try:
-            runnable.append((job, RecommendationRequest.from_dict(job.request)))
+            runnable.append((job, kind.parse(job.request)))
         except RequestError as exc:
             failures.append((job, f"invalid request: {exc}", False))
     successes: list[tuple[_Claimed, dict]] = []
     if runnable:
         try:
-            results = recommend_batch([r for _, r in runnable], settings)
+            results = kind.run_batch([r for _, r in runnable], settings)
             successes = [(job, result) for (job, _), result in zip(runnable, results, strict=True)]
         except Exception as exc:
             if len(runnable) == 1 or _is_time_limit(exc):
@@ -230,7 +231,7 @@ def _process(batch: list[_Claimed], worker: str, settings: Settings) -> dict[uui
                 log.warning("batch of %d failed (%s); running its jobs one by one", len(runnable), readable(exc))
                 for job, request in runnable:
                     try:
-                        successes.append((job, recommend_batch([request], settings)[0]))
+                        successes.append((job, kind.run_batch([request], settings)[0]))
                     except Exception as one_exc:
                         failures.append((job, readable(one_exc), not isinstance(one_exc, RequestError)))
     recorded = _record_successes(successes, worker, settings)

@@ -81,6 +81,55 @@ def submit_recommendation(
     return SubmitOutcome(job_id=job_id, status="queued", result=None, cached=False, created=True)
 
 
+def submit_job(kind_name: str, payload, settings: Settings, *, idempotency_key: str | None = None) -> SubmitOutcome:
+    """`submit_recommendation` for any job kind (recsys.jobs.kinds): validate, answer from the cache with
+    the job that made the answer, or record a queued job of that kind and send its message."""
+    from recsys.jobs.kinds import job_kind
+
+    kind = job_kind(kind_name)
+    request = payload if not isinstance(payload, dict) else kind.parse(payload)
+    check_idempotency_key(idempotency_key)
+    stored_request = request.as_dict()
+    with get_engine(settings).begin() as conn:
+        if idempotency_key is not None:
+            existing = _existing_for_key(conn, idempotency_key, stored_request)
+            if existing is not None:
+                return existing
+        key = kind.cache_key(conn, request, settings)
+        hit = conn.execute(
+            text("UPDATE result_cache SET hits = hits + 1, last_hit_at = now() WHERE cache_key = :key "
+                 "RETURNING result, job_id"),
+            {"key": key},
+        ).one_or_none()
+        if hit is not None:
+            return SubmitOutcome(job_id=hit.job_id, status="succeeded", result=hit.result, cached=True, created=False)
+        job_id = uuid.uuid4()
+        inserted = conn.execute(
+            text(
+                """
+                INSERT INTO jobs (id, kind, status, request, cache_key, idempotency_key, sent_at)
+                VALUES (:id, :kind, 'queued', CAST(:request AS jsonb), :cache_key, :idem, now())
+                ON CONFLICT (idempotency_key) DO NOTHING
+                RETURNING id
+                """
+            ),
+            {"id": job_id, "kind": kind.name, "request": dumps(stored_request), "cache_key": key,
+             "idem": idempotency_key},
+        ).scalar_one_or_none()
+        if inserted is None:
+            existing = _existing_for_key(conn, idempotency_key, stored_request)
+            if existing is not None:
+                return existing
+            raise RuntimeError(f"job with idempotency key {idempotency_key!r} vanished while submitting")
+    send_job(job_id, settings, sent_at_recorded=True)
+    return SubmitOutcome(job_id=job_id, status="queued", result=None, cached=False, created=True)
+
+
+def submit_discover(payload, settings: Settings, *, idempotency_key: str | None = None) -> SubmitOutcome:
+    """A discover job (a need, optionally a customer): see `submit_job`."""
+    return submit_job("discover", payload, settings, idempotency_key=idempotency_key)
+
+
 def _existing_for_key(conn: Connection, idempotency_key: str, stored_request: dict) -> SubmitOutcome | None:
     row = conn.execute(
         text("SELECT id, status, request, result FROM jobs WHERE idempotency_key = :k"), {"k": idempotency_key}

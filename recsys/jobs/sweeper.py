@@ -7,7 +7,7 @@ import logging
 from sqlalchemy import text
 
 from recsys.config import Settings
-from recsys.jobs.store import RECOMMENDATION
+from recsys.jobs.kinds import KINDS
 from recsys.jobs.submit import send_job
 from recsys.platform.db import get_engine
 from recsys.recommend.request import RequestError
@@ -39,14 +39,14 @@ def requeue_stale(settings: Settings, older_than_seconds: float | None = None) -
             text(
                 """
                 SELECT id FROM jobs
-                WHERE kind = :kind AND (
+                WHERE kind = ANY(:kinds) AND (
                       (status = 'queued' AND coalesce(sent_at, created_at) < now() - make_interval(secs => :older))
                    OR (status = 'running' AND lease_expires_at < now()))
                 ORDER BY created_at
                 FOR UPDATE SKIP LOCKED
                 """
             ),
-            {"kind": RECOMMENDATION, "older": older},
+            {"kinds": list(KINDS), "older": older},
         ).scalars().all()
     for job_id in given_up:
         log.warning("job %s failed: its worker was lost on every attempt", job_id[0])

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 RERANK_TASK = "recsys.rerank"
 SUBMIT_TASK = "recsys.submit"
+DISCOVER_TASK = "recsys.discover"
 SWEEP_TASK = "recsys.sweep"
 RERANK_QUEUE = "rerank"
 DEFAULT_QUEUE = "celery"
