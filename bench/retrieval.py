@@ -1,7 +1,7 @@
 """Vector retrieval: pgvector HNSW vs exact scan vs hnswlib on the same embeddings. Prints JSON.
 
     python bench/retrieval.py [--sizes retail,hm,synthetic] [--synthetic-n 1000000] [--queries 500]
-                              [--clients 8] [--ef 10,40,100,200] [--out FILE] [--keep]
+                              [--types vector,halfvec] [--clients 8] [--ef 10,40,100,200] [--out FILE] [--keep]
 
 For every size: recall@10 against numpy brute force, p50/p95 latency for one client, QPS for
 `--clients` concurrent clients, build seconds and index size, for pgvector HNSW
@@ -30,6 +30,14 @@ hnswlib also runs at --hnswlib-extra-ef, so that its latency can be interpolated
 recall. A pgvector build still running after --build-timeout (30 min) is cancelled; the JSON
 then has its progress and an extrapolated build time.
 
+Column types (--types): `vector` (float32) and/or `halfvec` (float16), each in its own scratch
+database; the query is sent as a float32 vector and cast to the column's type. The HNSW build
+sets maintenance_work_mem and max_parallel_maintenance_workers with SET LOCAL in its transaction,
+sized as the product's index build sizes them (`recsys.platform.hnsw`: the whole graph in memory,
+cores - 1 workers) unless --maintenance-work-mem / --parallel-workers say otherwise. The JSON
+records the load average at the start, during the build (every 30 s) and per measured row, since
+the 2 cores are shared.
+
 Clients: pgvector clients are threads in this process, each with its own connection (psycopg
 releases the GIL while it waits on the server). hnswlib clients are threads calling
 knn_query one vector at a time with set_num_threads(1); knn_query releases the GIL during the
@@ -37,7 +45,7 @@ search, but the per-call Python work does not, and all clients share this machin
 with Postgres. Each server backend we use is given this process's niceness (so `nice -n 10`
 applies to both engines).
 
-Uses scratch databases recsys_bench_retrieval_<size> on the embedded server (or DATABASE_URL's
+Uses scratch databases recsys_bench_retrieval_<size>_<type> on the embedded server (or DATABASE_URL's
 server), dropped at the end unless --keep. Progress goes to stderr, JSON to stdout.
 """
 
@@ -64,14 +72,15 @@ from psycopg import sql
 from tqdm import tqdm
 
 from recsys.config import Settings
-from recsys.platform import embedded
+from recsys.platform import embedded, hnsw
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 K = 10
-DIM = 384
-HNSW_M = 16
-HNSW_EF_CONSTRUCTION = 100
+DIM = hnsw.EMBEDDING_DIM
+HNSW_M = hnsw.HNSW_M
+HNSW_EF_CONSTRUCTION = hnsw.HNSW_EF_CONSTRUCTION
+EMBEDDING_TYPES = ("vector", "halfvec")
 RECALL_EPS = 1e-5
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "recsys-bench"
 
@@ -384,9 +393,18 @@ def _renice(pid: int, niceness: int) -> None:
             os.setpriority(os.PRIO_PROCESS, pid, niceness)
 
 
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
 class PgClient:
     def __init__(self, conninfo: str, k_fetch: int, niceness: int, ef: int | None = None, local: bool = True,
-                 exact: bool = False, force_index: bool = False):
+                 exact: bool = False, force_index: bool = False, embedding_type: str = "vector"):
         from pgvector.psycopg import register_vector
 
         self.conn = psycopg.connect(conninfo, autocommit=True)
@@ -401,7 +419,8 @@ class PgClient:
         if force_index:
             # on a small table the planner prices a seq scan + sort below the HNSW scan at high ef_search
             self.conn.execute("SET enable_seqscan = off")
-        self.query = f"SELECT id FROM items ORDER BY embedding <=> %b LIMIT {int(k_fetch)}"
+        # the float32 query is sent as a vector and cast to the column's type (a no-op for vector)
+        self.query = f"SELECT id FROM items ORDER BY embedding <=> %b::{embedding_type}({DIM}) LIMIT {int(k_fetch)}"
         self.cur = self.conn.cursor()
 
     def search(self, q: np.ndarray) -> list[int]:
@@ -410,7 +429,8 @@ class PgClient:
 
     def plan(self, q: np.ndarray) -> str:
         rows = self.conn.execute("EXPLAIN (COSTS OFF) " + self.query.replace("%b", "%s"), (q,)).fetchall()
-        return re.sub(r"'\[[^']*\]'::vector", "$q", " / ".join(r[0].strip() for r in rows))
+        return re.sub(r"'\[[^']*\]'::(vector|halfvec)(\(\d+\))?(::halfvec(\(\d+\))?)?", "$q",
+                      " / ".join(r[0].strip() for r in rows))
 
     def buffers(self, queries: np.ndarray) -> dict:
         """Mean shared-buffer hits and reads (8 kB pages not in shared_buffers) per query, by EXPLAIN ANALYZE."""
@@ -432,8 +452,9 @@ class PgClient:
 class Pg:
     """A scratch database on the server, with helpers."""
 
-    def __init__(self, settings: Settings, dbname: str, niceness: int):
+    def __init__(self, settings: Settings, dbname: str, niceness: int, embedding_type: str = "vector"):
         self.settings = settings
+        self.embedding_type = embedding_type
         self.dbname = dbname
         self.niceness = niceness
         self.local = settings.uses_embedded_db
@@ -464,7 +485,8 @@ class Pg:
         return conn
 
     def client(self, k_fetch: int, ef: int | None = None, exact: bool = False, force_index: bool = False) -> PgClient:
-        return PgClient(self.conninfo, k_fetch, self.niceness, ef, self.local, exact, force_index)
+        return PgClient(self.conninfo, k_fetch, self.niceness, ef, self.local, exact, force_index,
+                        self.embedding_type)
 
     def server_info(self) -> dict:
         with self.connect() as conn:
@@ -476,19 +498,21 @@ class Pg:
         return info
 
     def load(self, vectors: np.ndarray) -> dict:
+        from pgvector import HalfVector
         from pgvector.psycopg import register_vector
 
         started = time.perf_counter()
         with self.connect() as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
             register_vector(conn)
-            conn.execute(f"CREATE TABLE items (id int4 NOT NULL, embedding vector({DIM}) NOT NULL)")
+            conn.execute(f"CREATE TABLE items (id int4 NOT NULL, embedding {self.embedding_type}({DIM}) NOT NULL)")
             with conn.cursor() as cur, cur.copy("COPY items (id, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["int4", "vector"])
+                copy.set_types(["int4", self.embedding_type])
+                wrap = HalfVector if self.embedding_type == "halfvec" else np.asarray
                 for start in tqdm(range(0, len(vectors), 10_000), desc="COPY", unit="10k rows", leave=False,
                                   file=sys.stderr):
                     for i, v in enumerate(vectors[start:start + 10_000], start):
-                        copy.write_row((i, v))
+                        copy.write_row((i, wrap(v)))
             copy_seconds = time.perf_counter() - started
             conn.execute("VACUUM (ANALYZE) items")
             size = conn.execute("SELECT pg_table_size('items')").fetchone()[0]
@@ -498,12 +522,13 @@ class Pg:
         notices: list[str] = []
         conn = self.connect()
         conn.add_notice_handler(lambda d: notices.append(d.message_primary))
-        conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
-        conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(sql.Literal(workers)))
+        if maintenance_work_mem == "auto":
+            maintenance_work_mem = f"{hnsw.build_memory_mb(n_rows, self.embedding_type, DIM, HNSW_M)}MB"
         conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(f"{int(timeout_s)}s")))
         pid = conn.info.backend_pid
         stop = threading.Event()
         progress: dict = {"timeline": []}
+        cpu_ticks: dict[int, int] = {}
         started = time.perf_counter()
 
         def poll() -> None:
@@ -519,11 +544,14 @@ class Pg:
                         if self.local and worker not in progress.setdefault("reniced", set()):
                             _renice(worker, self.niceness)
                             progress["reniced"].add(worker)
+                    if self.local:
+                        for process in {pid, *progress.get("reniced", ())}:
+                            cpu_ticks[process] = max(cpu_ticks.get(process, 0), _cpu_ticks(process))
                     if row:
                         progress.update(phase=row[0], tuples_done=row[1], tuples_total=row[2])
                         elapsed = time.perf_counter() - started
                         if row[1] and (not progress["timeline"] or elapsed - progress["timeline"][-1][0] >= 30):
-                            progress["timeline"].append((round(elapsed), row[1]))
+                            progress["timeline"].append((round(elapsed), row[1], round(os.getloadavg()[0], 2)))
                         bar.total = row[2] or None
                         bar.n = row[1] or 0
                         bar.set_postfix_str(row[0] or "")
@@ -533,19 +561,31 @@ class Pg:
         watcher.start()
         timed_out = False
         try:
-            conn.execute(
-                f"CREATE INDEX items_embedding_hnsw ON items USING hnsw (embedding vector_cosine_ops) "
-                f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})"
-            )
+            with conn.transaction():
+                # per build, as the product's index build does: memory for the whole graph, parallel workers
+                conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(sql.Literal(maintenance_work_mem)))
+                conn.execute(sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(sql.Literal(workers)))
+                conn.execute(
+                    f"CREATE INDEX items_embedding_hnsw ON items "
+                    f"USING hnsw (embedding {self.embedding_type}_cosine_ops) "
+                    f"WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})"
+                )
         except psycopg.errors.QueryCanceled:
             timed_out = True
         seconds = time.perf_counter() - started
         stop.set()
         watcher.join()
-        out = {"build_seconds": round(seconds, 1), "maintenance_work_mem": maintenance_work_mem,
+        cpu_ticks[pid] = max(cpu_ticks.get(pid, 0), _cpu_ticks(pid))
+        out = {"build_seconds": round(seconds, 1), "embedding_type": self.embedding_type,
+               "maintenance_work_mem": maintenance_work_mem,
                "parallel_workers_asked": workers, "parallel_workers_seen": len(progress.get("reniced", ()))
                if self.local else None, "notices": notices,
-               "progress_timeline_s_tuples": progress["timeline"]}
+               "graph_spilled_to_disk": any("no longer fits" in n for n in notices),
+               # CPU time of the leader and its parallel workers (workers sampled each second): on shared
+               # cores, wall time says as much about the neighbours as about the build
+               "cpu_seconds": round(sum(cpu_ticks.values()) / os.sysconf("SC_CLK_TCK"), 1) if self.local else None,
+               "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+               "progress_timeline_s_tuples_load1": progress["timeline"]}
         if timed_out:
             out.update(timed_out=True, timeout_seconds=timeout_s,
                        progress_at_timeout={k: progress.get(k) for k in ("phase", "tuples_done", "tuples_total")})
@@ -554,7 +594,7 @@ class Pg:
             if len(line) >= 2 and line[-1][1] < total:
                 # the rate over the last two minutes (on-disk inserts once the graph spilled), held for the rest
                 recent = [p for p in line if p[0] >= line[-1][0] - 120]
-                t0, d0 = recent[0] if len(recent) > 1 else line[-2]
+                t0, d0 = (recent[0] if len(recent) > 1 else line[-2])[:2]
                 rate = (line[-1][1] - d0) / max(line[-1][0] - t0, 1)
                 if rate > 0:
                     out["extrapolated_build_seconds"] = round(line[-1][0] + (total - line[-1][1]) / rate)
@@ -568,9 +608,10 @@ class Pg:
         return out
 
 
-def bench_pgvector(data: Dataset, kth: np.ndarray, args, settings: Settings, niceness: int) -> dict:
+def bench_pgvector(data: Dataset, kth: np.ndarray, args, settings: Settings, niceness: int,
+                   embedding_type: str, exact: bool) -> dict:
     k_fetch = K + (data.self_ids is not None)
-    pg = Pg(settings, f"recsys_bench_retrieval_{data.name}", niceness)
+    pg = Pg(settings, f"recsys_bench_retrieval_{data.name}_{embedding_type}", niceness, embedding_type)
     log(f"{data.name}: pgvector scratch database {pg.dbname}")
     pg.recreate()
     out: dict = {"database": pg.dbname}
@@ -579,10 +620,11 @@ def bench_pgvector(data: Dataset, kth: np.ndarray, args, settings: Settings, nic
         out["server"] = pg.server_info()
         log(f"{data.name}: loaded {len(data.vectors):,} rows in {out['load']['copy_seconds']} s")
         rows = []
-        if "exact" in args.methods:
+        if exact:
             client = pg.client(k_fetch, exact=True)
             plan = client.plan(data.queries[0])
-            row = {"method": "pgvector exact scan", "ef": None, "plan": plan, "settings": "jit=off, no index"}
+            row = {"method": "pgvector exact scan", "type": embedding_type, "ef": None, "plan": plan,
+                   "settings": "jit=off, no index"}
             row.update(latency_run(client.search, data, kth, args.max_seconds, "pg exact latency", min_queries=20,
                                    warmup=3))
             row["per_query"] = client.buffers(data.queries[:3])
@@ -595,7 +637,7 @@ def bench_pgvector(data: Dataset, kth: np.ndarray, args, settings: Settings, nic
             build = pg.build_hnsw(args.maintenance_work_mem, args.parallel_workers, args.build_timeout,
                                   len(data.vectors))
             out["build"] = build
-            log(f"{data.name}: pgvector HNSW build {build}")
+            log(f"{data.name}: pgvector HNSW build ({embedding_type}) {build}")
             if not build.get("timed_out"):
                 warm = pg.client(k_fetch, ef=max(args.ef), force_index=True)
                 for q in tqdm(data.queries, desc="pg warm-up", leave=False, file=sys.stderr):
@@ -607,7 +649,7 @@ def bench_pgvector(data: Dataset, kth: np.ndarray, args, settings: Settings, nic
                     default_plan = probe.plan(data.queries[0])
                     probe.close()
                     client = pg.client(k_fetch, ef=ef_eff, force_index=True)
-                    row = {"method": "pgvector hnsw", "ef": ef, "ef_effective": ef_eff,
+                    row = {"method": "pgvector hnsw", "type": embedding_type, "ef": ef, "ef_effective": ef_eff,
                            "plan": client.plan(data.queries[0]) + " (enable_seqscan=off)",
                            "planner_picks_index_by_default": "items_embedding_hnsw" in default_plan}
                     row.update(latency_run(client.search, data, kth, args.max_seconds, f"pg ef={ef} latency"))
@@ -617,7 +659,7 @@ def bench_pgvector(data: Dataset, kth: np.ndarray, args, settings: Settings, nic
                                        args.qps_queries, args.qps_seconds, f"pg ef={ef} QPS"))
                     row.update(build_seconds=build["build_seconds"], index_mb=build.get("index_mb"))
                     rows.append(row)
-                    log(f"{data.name}: pgvector ef={ef} {row}")
+                    log(f"{data.name}: pgvector {embedding_type} ef={ef} {row}")
         out["rows"] = rows
     finally:
         if args.keep:
@@ -690,10 +732,10 @@ def bench_hnswlib(data: Dataset, kth: np.ndarray, args) -> dict:
 # Summary
 
 
-def compare(rows: list[dict]) -> list[dict]:
+def compare(rows: list[dict], embedding_type: str) -> list[dict]:
     """pgvector / hnswlib p50 latency: at the same ef, and at equal recall (hnswlib's p50 interpolated
     linearly in recall; outside hnswlib's recall range the closest point is used and flagged)."""
-    pg = [r for r in rows if r["method"] == "pgvector hnsw"]
+    pg = [r for r in rows if r["method"] == "pgvector hnsw" and r.get("type", "vector") == embedding_type]
     hl = sorted((r for r in rows if r["method"] == "hnswlib"), key=lambda r: (r["recall_at_10"], r["p50_ms"]))
     if not pg or not hl:
         return []
@@ -722,9 +764,9 @@ def compare(rows: list[dict]) -> list[dict]:
     return out
 
 
-def goal(rows: list[dict], recall: float = 0.95, p50_ms: float = 5.0) -> dict:
-    target = f"pgvector HNSW recall@10 >= {recall} with p50 <= {p50_ms} ms, one client"
-    hnsw = [r for r in rows if r["method"] == "pgvector hnsw"]
+def goal(rows: list[dict], embedding_type: str, recall: float = 0.95, p50_ms: float = 5.0) -> dict:
+    target = f"pgvector HNSW ({embedding_type}) recall@10 >= {recall} with p50 <= {p50_ms} ms, one client"
+    hnsw = [r for r in rows if r["method"] == "pgvector hnsw" and r.get("type", "vector") == embedding_type]
     if not hnsw:
         return {"target": target, "met": None, "why": "no pgvector HNSW index was measured (see build)"}
     ok = [r for r in hnsw if r["recall_at_10"] >= recall and r["p50_ms"] <= p50_ms]
@@ -739,13 +781,16 @@ def table(results: dict) -> str:
     for name, size in results["sizes"].items():
         for r in size.get("rows", []):
             lines.append(" | ".join(str(x) for x in (
-                f"{name} ({size['dataset']['items']:,})", r["method"], r.get("ef") or "-", r["recall_at_10"],
+                f"{name} ({size['dataset']['items']:,})", r["method"] + (f" ({r['type']})" if r.get("type") else ""),
+                r.get("ef") or "-", r["recall_at_10"],
                 r["p50_ms"], r["p95_ms"], r.get("qps"), r.get("build_seconds", "-"), r.get("index_mb", "-"))))
-        build = size.get("pgvector", {}).get("build", {})
-        if build.get("timed_out"):
+        for embedding_type, pg in size.get("pgvector", {}).items():
+            build = pg.get("build", {})
+            if not build.get("timed_out"):
+                continue
             done = (build.get("progress_at_timeout") or {}).get("tuples_done")
             lines.append(" | ".join(str(x) for x in (
-                f"{name} ({size['dataset']['items']:,})", "pgvector hnsw", "-",
+                f"{name} ({size['dataset']['items']:,})", f"pgvector hnsw ({embedding_type})", "-",
                 f"not measured: build stopped at {build['timeout_seconds']} s with {done or 0:,} tuples in; "
                 f"~{build.get('extrapolated_build_seconds', '?')} s extrapolated", "-", "-", "-",
                 f">{build['timeout_seconds']}", "-")))
@@ -753,6 +798,14 @@ def table(results: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 def _csv(kind):
@@ -790,8 +843,13 @@ def main() -> None:
     parser.add_argument("--synthetic-decay", type=float, default=1.25, help="spectrum decay exponent (default 1.25)")
     parser.add_argument("--synthetic-noise", type=float, default=0.15,
                         help="isotropic noise, as a fraction of the signal's standard deviation (default 0.15)")
-    parser.add_argument("--maintenance-work-mem", default="1GB")
-    parser.add_argument("--parallel-workers", type=int, default=2, help="max_parallel_maintenance_workers")
+    parser.add_argument("--types", type=_csv(str), default=["vector"],
+                        help="pgvector column types to measure, comma-separated: vector, halfvec (default vector)")
+    parser.add_argument("--maintenance-work-mem", default="auto",
+                        help="for the HNSW build; 'auto' (default) sizes it to hold the whole graph in memory, "
+                             "as `recsys embed` does (recsys.platform.hnsw)")
+    parser.add_argument("--parallel-workers", type=int, default=hnsw.parallel_workers(),
+                        help="max_parallel_maintenance_workers (default: cores - 1, as `recsys embed` builds)")
     parser.add_argument("--build-timeout", type=int, default=1800,
                         help="give up on a pgvector index build after this many seconds (default 1800)")
     parser.add_argument("--build-threads", type=int, default=0, help="hnswlib build threads (default: all cores)")
@@ -800,6 +858,9 @@ def main() -> None:
     for size in args.sizes:
         if size not in LOADERS:
             parser.error(f"unknown size {size!r}; choose from {', '.join(LOADERS)}")
+    for embedding_type in args.types:
+        if embedding_type not in EMBEDDING_TYPES:
+            parser.error(f"unknown type {embedding_type!r}; choose from {', '.join(EMBEDDING_TYPES)}")
     args.ef = sorted(set(args.ef))
     args.hnswlib_ef = sorted(set(args.ef) | set(args.hnswlib_extra_ef))
 
@@ -811,6 +872,8 @@ def main() -> None:
 
     results: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+        "cpu": _cpu_model(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "niceness": niceness,
         "python": platform.python_version(),
         "hnswlib": version("hnswlib"),
@@ -839,22 +902,26 @@ def main() -> None:
         entry: dict = {"dataset": data.description, "loadavg_before": [round(x, 2) for x in load_before]}
         rows: list[dict] = []
         if {"exact", "pgvector"} & set(args.methods):
-            pg = bench_pgvector(data, kth, args, settings, niceness)
-            rows += pg.pop("rows")
-            entry["pgvector"] = pg
+            entry["pgvector"] = {}
+            for i, embedding_type in enumerate(args.types):
+                pg = bench_pgvector(data, kth, args, settings, niceness, embedding_type,
+                                    exact="exact" in args.methods and i == 0)
+                rows += pg.pop("rows")
+                entry["pgvector"][embedding_type] = pg
         if "hnswlib" in args.methods:
             hl = bench_hnswlib(data, kth, args)
             rows += hl.pop("rows")
             entry["hnswlib"] = hl
         entry["rows"] = rows
-        entry["pgvector_vs_hnswlib_p50"] = compare(rows)
-        entry["goal"] = goal(rows)
+        entry["pgvector_vs_hnswlib_p50"] = {t: compare(rows, t) for t in args.types}
+        entry["goal"] = {t: goal(rows, t) for t in args.types}
         entry["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         entry["seconds"] = round(time.perf_counter() - started, 1)
         results["sizes"][data.name] = entry
         del data
         gc.collect()
-    measured = [(name, e) for name, e in results["sizes"].items() if e["goal"]["met"] is not None]
+    measured = [(name, e) for name, e in results["sizes"].items()
+                if any(g["met"] is not None for g in e["goal"].values())]
     if measured:
         name, largest = max(measured, key=lambda item: item[1]["dataset"]["items"])
         results["goal_at_largest_size"] = {"size": name, **largest["goal"]}
