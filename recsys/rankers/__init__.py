@@ -21,7 +21,9 @@ from recsys.rankers.base import (
 
 CLASSICAL_RANKER_NAMES = ("retrieval", "popularity", "copurchase")
 LLM_RANKER_NAMES = ("llm-listwise", "llm-verbalizer", "llm-pointwise", "llm-likelihood")
-RANKER_NAMES = CLASSICAL_RANKER_NAMES + LLM_RANKER_NAMES
+# Trained LightGBM rankers (recsys/rankers/learned.py); `learned-llm` also loads the LLM for one feature.
+LEARNED_RANKER_NAMES = ("learned", "learned-llm")
+RANKER_NAMES = CLASSICAL_RANKER_NAMES + LLM_RANKER_NAMES + LEARNED_RANKER_NAMES
 
 _LLM_RANKER_CLASSES = {
     "llm-listwise": ("recsys.rankers.llm_listwise", "ListwiseRanker"),
@@ -32,6 +34,7 @@ _LLM_RANKER_CLASSES = {
 
 __all__ = [
     "CLASSICAL_RANKER_NAMES",
+    "LEARNED_RANKER_NAMES",
     "LLM_RANKER_NAMES",
     "RANKER_NAMES",
     "Candidate",
@@ -42,6 +45,7 @@ __all__ = [
     "Ranker",
     "UnknownRankerError",
     "get_ranker",
+    "is_learned_ranker",
     "is_llm_ranker",
     "order_by_scores",
 ]
@@ -55,6 +59,11 @@ def is_llm_ranker(name: str) -> bool:
     return name in LLM_RANKER_NAMES
 
 
+def is_learned_ranker(name: str) -> bool:
+    """A trained ranker: it orders every merged candidate (up to RECSYS_RETRIEVE_K), not only the window."""
+    return name in LEARNED_RANKER_NAMES
+
+
 def get_ranker(
     name: str,
     *,
@@ -62,8 +71,9 @@ def get_ranker(
     stats: ItemStats | None = None,
     model=None,
 ) -> Ranker:
-    """The ranker called `name`. LLM rankers use `model` or load (once) the configured one;
-    `popularity` and `copurchase` need `stats`."""
+    """The ranker called `name`. LLM rankers (and `learned-llm`) use `model` or load (once) the configured
+    one; `popularity` and `copurchase` need `stats`; the learned rankers raise ModelFileError without a
+    usable model file."""
     if name == "retrieval":
         from recsys.rankers.classical import RetrievalRanker
 
@@ -82,4 +92,8 @@ def get_ranker(
         module_name, class_name = _LLM_RANKER_CLASSES[name]
         ranker_class = getattr(importlib.import_module(module_name), class_name)
         return ranker_class(model, settings)
+    if name in LEARNED_RANKER_NAMES:
+        from recsys.rankers.learned import LearnedRanker
+
+        return LearnedRanker(settings, name, llm_model=model)
     raise UnknownRankerError(f"unknown ranker {name!r}; choose one of: {', '.join(RANKER_NAMES)}")

@@ -6,7 +6,8 @@
 2. filter: non-products always, what the customer already bought when asked. The filters run
    inside the index scan (SQL, iterative HNSW scans), so every retrieved row survives them and
    nothing is fetched only to be thrown away;
-3. rank the top `RECSYS_MAX_CANDIDATES` with the chosen ranker;
+3. rank the top `RECSYS_MAX_CANDIDATES` with the chosen ranker (a learned ranker, being cheap,
+   orders all `RECSYS_RETRIEVE_K`);
 4. order: the ranked window first, then (when k is larger) the rest in retrieval order; cut to k.
 
 Requests are ranked in batches: one `Ranker.rank` call per ranker for a whole batch, which is
@@ -32,9 +33,11 @@ from recsys.rankers import (
     RankRequest,
     RankResult,
     get_ranker,
+    is_learned_ranker,
     is_llm_ranker,
 )
 from recsys.rankers.item_stats import DatabaseItemStats
+from recsys.rankers.learned import ModelFileError
 from recsys.recommend.ordering import final_order
 from recsys.recommend.request import RecommendationRequest, RequestError
 
@@ -50,13 +53,32 @@ def ranker_for(name: str, settings: Settings) -> Ranker:
     with _rankers_lock:
         ranker = _rankers.get(key)
         if ranker is None:
-            ranker = get_ranker(name, settings=settings, stats=DatabaseItemStats(settings))
+            try:
+                ranker = get_ranker(name, settings=settings, stats=DatabaseItemStats(settings))
+            except ModelFileError as exc:
+                raise RequestError(str(exc)) from exc
             _rankers[key] = ranker
         return ranker
 
 
 def model_identity(ranker_name: str, settings: Settings) -> tuple[str | None, str | None]:
-    """(model, prompt version) that shape a ranker's answer; None for classical rankers."""
+    """(model, prompt version) that shape a ranker's answer; None for classical rankers.
+
+    A learned ranker's model is its model file's version (`learned:<hash>`), so a retrain misses
+    the result cache; without a usable model file this is a RequestError naming the command to run.
+    """
+    if is_learned_ranker(ranker_name):
+        from recsys.rankers.learned import model_version
+
+        try:
+            model = f"{ranker_name}:{model_version(settings, ranker_name)}"
+        except ModelFileError as exc:
+            raise RequestError(str(exc)) from exc
+        if ranker_name == "learned":
+            return model, None
+        from recsys.llm.prompts import PROMPT_VERSION
+
+        return f"{model}+{settings.llm_model}", PROMPT_VERSION
     if not is_llm_ranker(ranker_name):
         return None, None
     from recsys.llm.prompts import PROMPT_VERSION
@@ -89,16 +111,19 @@ def recommend_batch(
     requests = [r.with_defaults(settings) for r in requests]
     for request in requests:
         request.validate()
-    prepared = _prepare(requests, settings)
-    results: list[dict | None] = [None] * len(requests)
     groups: dict[str, list[int]] = {}
     for index, request in enumerate(requests):
         groups.setdefault(request.ranker, []).append(index)
+    actives = {name: ranker or ranker_for(name, settings) for name in groups}
+    rank_all = {name: getattr(active, "ranks_all_candidates", False) for name, active in actives.items()}
+    prepared = _prepare(requests, settings, [rank_all[r.ranker] for r in requests])
+    results: list[dict | None] = [None] * len(requests)
     for name, indexes in groups.items():
-        active = ranker or ranker_for(name, settings)
+        active = actives[name]
+        window = settings.retrieve_k if rank_all[name] else settings.max_candidates
         batch = [
             RankRequest(
-                candidates=prepared[i].candidates[: settings.max_candidates],
+                candidates=prepared[i].candidates[:window],
                 history=prepared[i].history,
                 query=prepared[i].request.query,
                 customer_id=prepared[i].request.customer_id,
@@ -109,7 +134,7 @@ def recommend_batch(
         started = time.perf_counter()
         ranked = active.rank(batch) if batch else []
         rank_ms = (time.perf_counter() - started) * 1000
-        model, prompt_version = model_identity(name, settings)
+        model, prompt_version = model_identity(getattr(ranker, "name", name) if ranker else name, settings)
         for i, rank_request, outcome in zip(indexes, batch, ranked, strict=True):
             prepared[i].timings["rank_ms"] = rank_ms / len(indexes)
             results[i] = _result(
@@ -118,8 +143,11 @@ def recommend_batch(
     return results
 
 
-def _prepare(requests: Sequence[RecommendationRequest], settings: Settings) -> list[_Prepared]:
-    """Stages 1–2 for the whole batch: histories, query vectors and filtered candidates.
+def _prepare(
+    requests: Sequence[RecommendationRequest], settings: Settings, rank_all: Sequence[bool]
+) -> list[_Prepared]:
+    """Stages 1–2 for the whole batch: histories, query vectors and filtered candidates
+    (`RECSYS_RETRIEVE_K` of them where `rank_all`, for a ranker that orders every candidate).
 
     Each stage is one SQL statement (or one encoder pass) for every request together, so a batch
     of 32 costs about as many round trips as a single request. Stage times are per request.
@@ -143,7 +171,10 @@ def _prepare(requests: Sequence[RecommendationRequest], settings: Settings) -> l
         if vector is None:
             raise RequestError(f"customer {request.customer_id} has no purchases and the request has no query text")
         vectors.append(vector)
-    wanted = [min(max(r.k, settings.max_candidates), settings.retrieve_k) for r in requests]
+    wanted = [
+        settings.retrieve_k if whole else min(max(r.k, settings.max_candidates), settings.retrieve_k)
+        for r, whole in zip(requests, rank_all, strict=True)
+    ]
     t0 = time.perf_counter()
     hits = search_many(
         vectors,
