@@ -38,6 +38,7 @@ from recsys.rankers import (
 )
 from recsys.rankers.item_stats import DatabaseItemStats
 from recsys.rankers.learned import ModelFileError
+from recsys.recommend.explanations import attach_explanations
 from recsys.recommend.ordering import final_order
 from recsys.recommend.request import RecommendationRequest, RequestError
 
@@ -140,6 +141,7 @@ def recommend_batch(
             results[i] = _result(
                 prepared[i], rank_request, outcome, name, model, prompt_version, len(indexes), settings
             )
+    attach_explanations(results, settings)
     return results
 
 
