@@ -87,7 +87,7 @@ def submit_job(kind_name: str, payload, settings: Settings, *, idempotency_key: 
     from recsys.jobs.kinds import job_kind
 
     kind = job_kind(kind_name)
-    request = payload if not isinstance(payload, dict) else kind.parse(payload)
+    request = payload if hasattr(payload, "as_dict") else kind.parse(payload)
     check_idempotency_key(idempotency_key)
     stored_request = request.as_dict()
     with get_engine(settings).begin() as conn:
