@@ -226,3 +226,19 @@ def test_training_on_a_tiny_period_exits_with_one_line(shop):
     settings, _, _ = shop
     with pytest.raises(TrainingError, match="too little data"):
         train_ranker(settings, cutoff="2011-01-10")
+
+
+def test_features_come_from_the_candidate_stage_evidence_when_it_is_there(loaded_db):
+    tagged = Candidate("22224", "WHITE LOVEBIRD LANTERN", 0.9, sources={"repeat": 1, "popular": 4},
+                       evidence={"times_bought": 7, "repeat_score": 2.5, "popularity_30d": 3,
+                                 "copurchase_with": "71053"})
+    request = RankRequest(candidates=[tagged], history=[HistoryItem("22728", "ALARM CLOCK BAKELIKE PINK")],
+                          customer_id=15781)
+    features = read_features([request], loaded_db)
+    row = dict(zip(features.names, features.matrices[0][0], strict=True))
+    assert row["times_bought"] == 7 and row["repeat_score"] == 2.5 and row["popularity_30d"] == 3
+    assert row["copurchase_sum"] == 0 and np.isnan(row["query_similarity"])
+    assert row["repeat_rank"] == 1 and row["popular_rank"] == 4 and np.isnan(row["vector_rank"])
+    assert row["in_repeat"] == 1 and row["in_vector"] == 0 and row["source_count"] == 2
+    assert row["price"] == pytest.approx(2.95) and row["customer_purchases"] == 5
+    assert row["days_since_last_purchase"] == pytest.approx(0.0, abs=1e-6)
