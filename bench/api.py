@@ -1,12 +1,16 @@
-"""HTTP API throughput and latency under gunicorn on loopback, measured with wrk. Prints JSON.
+"""HTTP API throughput and latency under gunicorn on loopback against a bare Flask ceiling, measured with wrk.
 
-    python bench/api.py [--duration 10] [--connections 16] [--workers N] [--threads 4]
+    python bench/api.py [--duration 10] [--rounds 2] [--connections 8] [--workers N] [--threads 4]
 
-Scenarios: a POST /recommendations answered from the result cache (200), a GET of a finished
-job, and submissions that miss the cache (each inserts a job and sends a Celery message: 202).
+Scenarios: a GET of a finished job, a POST /recommendations answered from the result cache (200),
+and submissions that miss the cache (each inserts a job and sends a Celery message: 202); health is
+measured too. Each is run against recsys and against bench/baseline_app.py, a minimal Flask app under
+the same gunicorn command line answering with the same JSON body, alternating over `--rounds`, so
+the ratio holds on a shared, loaded machine. Goals (issue 16): cached read ≥ 50% of the baseline's
+req/s, cached POST ≥ 35%, submission ≥ 25%, each p99 ≤ 3× the baseline's.
 It uses its own database (`recsys_bench_api`, loaded with the bundled file on first use) and its
 own Valkey on a free port, so it never floods the shared broker; no worker runs, so submitted
-jobs just queue and are deleted at the end. Load average is reported because the cores are shared.
+jobs just queue and are deleted at the end. Prints JSON with the machine and load averages.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,11 +30,11 @@ import uuid
 import warnings
 from pathlib import Path
 
-from common import clear_jobs, free_port, loaded_database
+from common import clear_jobs, free_port, load_average, loaded_database, machine, ratio
 from sqlalchemy import text
 
 from recsys import jobs
-from recsys.cli.web import default_workers, gunicorn_argv
+from recsys.cli.web import DEFAULT_THREADS, default_workers, gunicorn_argv
 from recsys.config import Settings
 from recsys.platform import auth, embedded
 from recsys.platform.db import dispose_engines, get_engine
@@ -39,6 +43,8 @@ warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 BENCH_DB = "recsys_bench_api"
 CACHED = {"customer_id": 15781, "query": "BAG CHARM", "k": 3, "ranker": "retrieval"}
+# Share of the baseline's req/s each scenario must reach (issue 16), each with p99 at most 3x the baseline's.
+GOALS = {"cached_job_get": 0.50, "cached_post": 0.35, "submit_post": 0.25}
 
 SUBMIT_LUA = """
 counter = 0
@@ -130,14 +136,14 @@ def _backends() -> list[int]:
     return pids
 
 
-def cpu_snapshot(server_pid: int) -> dict:
+def cpu_snapshot(server_pid: int, backends: bool = True) -> dict:
     """CPU seconds so far of the gunicorn processes, the bench database's backends and finished children (wrk)."""
     import resource
 
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "app": {pid: _cpu_seconds(pid) for pid in [server_pid, *_children(server_pid)]},
-        "postgres": {pid: _cpu_seconds(pid) for pid in _backends()},
+        "postgres": {pid: _cpu_seconds(pid) for pid in _backends()} if backends else {},
         "load_tool": children.ru_utime + children.ru_stime,
     }
 
@@ -153,14 +159,15 @@ def cpu_per_request(before: dict, after: dict, requests: int) -> dict:
 
 
 def run_wrk(url: str, key: str, args, script: str | None = None, body: dict | None = None,
-            extra_lua: str = "", server_pid: int | None = None) -> dict:
+            extra_lua: str = "", server_pid: int | None = None, backends: bool = True) -> dict:
     lua = f'wrk.headers["Authorization"] = "Bearer {key}"\nwrk.headers["Content-Type"] = "application/json"\n'
     if body is not None:
         lua += f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n'
     lua += extra_lua + (script or "")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
         handle.write(lua)
-    before = cpu_snapshot(server_pid) if server_pid else None
+    before = cpu_snapshot(server_pid, backends) if server_pid else None
+    load = load_average()
     try:
         output = subprocess.run(
             ["wrk", "-t", str(args.wrk_threads), "-c", str(args.connections), "-d", f"{args.duration}s",
@@ -170,19 +177,68 @@ def run_wrk(url: str, key: str, args, script: str | None = None, body: dict | No
     finally:
         os.unlink(handle.name)
     result = parse_wrk(output)
+    result["load_average_at_start"] = load
     if before is not None:
-        result["cpu_per_request"] = cpu_per_request(before, cpu_snapshot(server_pid), result["requests"])
+        result["cpu_per_request"] = cpu_per_request(before, cpu_snapshot(server_pid, backends), result["requests"])
     return result
+
+
+def fetch(url: str, key: str, body: dict | None = None) -> dict:
+    """One real request: its status and JSON body, for the baseline to answer with."""
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     method="GET" if body is None else "POST",
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        raw = response.read()
+        return {"status": response.status, "body": json.loads(raw), "bytes": len(raw)}
+
+
+def start_server(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
+def summarize(system: list[dict], baseline: list[dict], goal_share: float | None) -> dict:
+    """Medians over the rounds and the two ratios each goal is stated in."""
+    def med(runs, field):
+        values = [run[field] for run in runs if run.get(field) is not None]
+        return round(statistics.median(values), 2) if values else None
+
+    summary = {
+        "requests_per_second": med(system, "requests_per_second"),
+        "p99_ms": med(system, "p99_ms"),
+        "baseline_requests_per_second": med(baseline, "requests_per_second"),
+        "baseline_p99_ms": med(baseline, "p99_ms"),
+    }
+    summary["share_of_baseline"] = ratio(summary["requests_per_second"], summary["baseline_requests_per_second"])
+    summary["p99_times_baseline"] = ratio(summary["p99_ms"], summary["baseline_p99_ms"], 2)
+    if goal_share is not None:
+        summary["goal"] = {"share_of_baseline": goal_share, "p99_times_baseline": 3.0}
+        summary["met"] = bool(summary["share_of_baseline"] and summary["share_of_baseline"] >= goal_share
+                              and summary["p99_times_baseline"] is not None and summary["p99_times_baseline"] <= 3.0)
+    summary["rounds"] = {"system": system, "baseline": baseline}
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per scenario")
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per scenario and server")
+    parser.add_argument("--rounds", type=int, default=2, help="baseline and system alternate, this many times")
+    parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=None,
                         help="gunicorn worker processes (default: what `recsys serve` uses)")
-    parser.add_argument("--threads", type=int, default=4, help="threads per gunicorn worker")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="threads per gunicorn worker")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench/api.py needs wrk (apt-get install wrk)")
@@ -200,28 +256,64 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "DATABASE_URL", "CELERY_"))}
     env.update(embedded.service_env(settings))
     env.update(RECSYS_HOME=str(settings.home), RECSYS_LOG_LEVEL="WARNING")
-    server = subprocess.Popen(gunicorn_argv(settings, args.workers, args.threads), env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    argv = gunicorn_argv(settings, args.workers, args.threads)
+    baseline_port = free_port()
+    baseline_argv = [*argv[:-1], "baseline_app:create_app()"]
+    baseline_argv[baseline_argv.index("--bind") + 1] = f"127.0.0.1:{baseline_port}"
+    bodies_path = scratch / "baseline_bodies.json"
+    baseline_env = env | {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                                       env.get("PYTHONPATH")])),
+                          "BENCH_BASELINE_BODIES": str(bodies_path)}
+    server = start_server(argv, env)
+    baseline_server = None
     base = f"http://127.0.0.1:{settings.web_port}"
-    results: dict = {}
-    load_before = os.getloadavg()
+    ceiling = f"http://127.0.0.1:{baseline_port}/baseline"
+    started_machine = machine()
+    runs: dict[str, dict[str, list]] = {}
+    responses: dict = {}
     try:
         wait_for(f"{base}/api/v1/health")
+        responses = {
+            "cached_post": fetch(f"{base}/api/v1/recommendations", key, CACHED),
+            "cached_job_get": fetch(f"{base}/api/v1/jobs/{first.job_id}", key),
+            "submit_post": fetch(f"{base}/api/v1/recommendations", key,
+                                 {**CACHED, "query": f"bench body {uuid.uuid4().hex[:8]}"}),
+        }
+        bodies_path.write_text(json.dumps(responses))
+        baseline_server = start_server(baseline_argv, baseline_env)
+        wait_for(f"{ceiling}/cached_job_get")
         warm = argparse.Namespace(**{**vars(args), "duration": 2})
         run_wrk(f"{base}/api/v1/recommendations", key, warm, body=CACHED)
-        pid = server.pid
-        results["cached_post"] = run_wrk(f"{base}/api/v1/recommendations", key, args, body=CACHED, server_pid=pid)
-        results["cached_job_get"] = run_wrk(f"{base}/api/v1/jobs/{first.job_id}", key, args, server_pid=pid)
-        results["health_get"] = run_wrk(f"{base}/api/v1/health", key, args, server_pid=pid)
-        results["submit_post"] = run_wrk(f"{base}/api/v1/recommendations", key, args, script=SUBMIT_LUA,
-                                         extra_lua=f'RUN = "{uuid.uuid4().hex[:8]}"\n', server_pid=pid)
+        run_wrk(f"{ceiling}/cached_post", key, warm, body=CACHED)
+        scenarios = {
+            "cached_job_get": (dict(url=f"{base}/api/v1/jobs/{first.job_id}"),
+                               dict(url=f"{ceiling}/cached_job_get/{first.job_id}")),
+            "cached_post": (dict(url=f"{base}/api/v1/recommendations", body=CACHED),
+                            dict(url=f"{ceiling}/cached_post", body=CACHED)),
+            "submit_post": (dict(url=f"{base}/api/v1/recommendations", script=SUBMIT_LUA),
+                            dict(url=f"{ceiling}/submit_post", script=SUBMIT_LUA)),
+            "health_get": (dict(url=f"{base}/api/v1/health"), None),
+        }
+        for round_number in range(args.rounds):
+            for name, (system_call, baseline_call) in scenarios.items():
+                entry = runs.setdefault(name, {"system": [], "baseline": []})
+                order = [("system", system_call), ("baseline", baseline_call)]
+                for side, call in order if round_number % 2 == 0 else order[::-1]:
+                    if call is None:
+                        continue
+                    call = dict(call)
+                    url = call.pop("url")
+                    if call.get("script"):
+                        call["extra_lua"] = f'RUN = "{uuid.uuid4().hex[:8]}"\n'
+                    pid = server.pid if side == "system" else baseline_server.pid
+                    entry[side].append(run_wrk(url, key, args, server_pid=pid, backends=side == "system", **call))
         with get_engine(settings).connect() as conn:
-            results["submit_post"]["jobs_created"] = conn.execute(
-                text("SELECT count(*) FROM jobs WHERE status = 'queued'")).scalar_one()
+            jobs_created = conn.execute(text("SELECT count(*) FROM jobs WHERE status = 'queued'")).scalar_one()
     finally:
-        load_after = os.getloadavg()
-        server.terminate()
-        server.wait(timeout=30)
+        load_after = load_average()
+        stop_server(server)
+        if baseline_server is not None:
+            stop_server(baseline_server)
         auth.revoke_api_key(key_name, settings)
         with get_engine(settings).begin() as conn:
             conn.execute(text("DELETE FROM jobs"))
@@ -231,14 +323,18 @@ def main() -> None:
         embedded.stop_broker(broker)
         shutil.rmtree(scratch, ignore_errors=True)
 
+    results = {name: summarize(entry["system"], entry["baseline"], GOALS.get(name)) for name, entry in runs.items()}
+    results["submit_post"]["jobs_created"] = jobs_created
+    for name, response in responses.items():
+        results[name]["body_bytes"] = response["bytes"]
+        results[name]["status"] = response["status"]
     print(json.dumps({
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in load_after]},
+        "machine": started_machine | {"load_average_end": load_after},
         "server": {"gunicorn_workers": args.workers or default_workers(), "threads": args.threads,
                    "worker_class": "gthread"},
+        "baseline": "bench/baseline_app.py: minimal Flask app, same gunicorn command line, same JSON bodies",
         "load": {"tool": "wrk", "threads": args.wrk_threads, "connections": args.connections,
-                 "seconds_per_scenario": args.duration},
+                 "seconds_per_scenario": args.duration, "rounds": args.rounds},
         "scenarios": results,
     }, indent=2))
 
