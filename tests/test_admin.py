@@ -141,7 +141,7 @@ def test_recommend_form_round_trip(admin_client, loaded_db):
     done = html(admin_client.get(location))
     assert "COPPER AND BRASS BAG CHARM" in done and "job details" in done
 
-    cached = admin_client.post("/admin/customers/15781/recommend", data=form)
+    cached = admin_client.post("/admin/customers/15781/recommend", data=form, follow_redirects=True)
     assert cached.status_code == 200 and "result cache" in html(cached) and "IVORY GOLD METAL BAG CHARM" in html(cached)
     assert job_count(loaded_db) == 1
 
@@ -179,7 +179,7 @@ def test_jobs_list_and_job_page(admin_client, loaded_db, monkeypatch):
 
 
 def test_evaluation_page(admin_client, db, tmp_path, monkeypatch):
-    import web.services
+    import web.admin
 
     empty = html(admin_client.get("/admin/evaluation"))
     assert "No evaluation yet" in empty
@@ -193,7 +193,7 @@ def test_evaluation_page(admin_client, db, tmp_path, monkeypatch):
         "plot_path": str(plot),
         "params": {"cutoff": "2011-10-01"},
     }
-    monkeypatch.setattr(web.services, "latest_evaluation", lambda settings: report)
+    monkeypatch.setattr(web.admin, "latest_report", lambda settings: report)
     page = html(admin_client.get("/admin/evaluation"))
     assert "HitRate@5" in page and "llm-listwise" in page and "0.455" in page and "cutoff" in page
     assert 'src="/admin/evaluation/plot.png"' in page

@@ -146,7 +146,7 @@ def test_cache_hit_answers_at_once_and_counts(loaded_db, flushed_broker):
     jobs.run_job(outcome.job_id, worker=WORKER, settings=loaded_db)
     stored = jobs.get_job(outcome.job_id, loaded_db)["result"]
     hit = jobs.submit_recommendation(payload(), settings=loaded_db)
-    assert hit.cached and hit.job_id is None and hit.status == "succeeded" and not hit.created
+    assert hit.cached and hit.job_id == outcome.job_id and hit.status == "succeeded" and not hit.created
     assert hit.result["items"] == stored["items"]
     assert jobs.count_jobs(settings=loaded_db) == 1 and len(rerank_messages(loaded_db)) == 1
     assert jobs.cache_stats(loaded_db)["hits"] == 1

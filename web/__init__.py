@@ -78,7 +78,15 @@ def create_app(settings: Settings | None = None, config: dict | None = None) -> 
     def index():
         return redirect(url_for("admin.dashboard"))
 
+    @app.get("/favicon.ico")
+    def favicon():
+        """Browsers ask for it on pages without an icon link (the JSON API); the admin pages link the SVG."""
+        return redirect(url_for("static", filename="favicon.svg"), 301)
+
+    from web.display import FILTERS
+
     app.jinja_env.filters["num"] = _number
+    app.jinja_env.filters.update(FILTERS)
     return app
 
 

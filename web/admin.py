@@ -9,6 +9,7 @@ import logging
 import math
 import re
 import uuid
+from datetime import UTC
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -35,7 +36,8 @@ from recsys.platform import auth
 from recsys.platform.models import JOB_STATUSES
 from recsys.rankers import RANKER_NAMES
 from recsys.recommend.request import MAX_K, RequestError
-from web import health
+from web import health, verdict
+from web.charts import Series, line_chart
 from web.csrf import rotate_csrf_token
 from web.errors import ApiError
 from web.params import MAX_BIGINT, int_arg, str_arg
@@ -138,7 +140,32 @@ def dashboard():
         lookups = cache.get("hits", 0) + sum(figures["counts"].values())
         cache["hit_rate"] = cache.get("hits", 0) / lookups if lookups else None
     figures["workers"] = health.check_workers(settings())
-    return render_template("dashboard.html", catalog=catalog, jobs=figures, statuses=JOB_STATUSES)
+    return render_template("dashboard.html", catalog=catalog, jobs=figures, statuses=JOB_STATUSES,
+                           charts=_dashboard_charts(), chart_hours=CHART_HOURS,
+                           chart_bucket_minutes=CHART_BUCKET_MINUTES)
+
+
+CHART_HOURS = 6
+CHART_BUCKET_MINUTES = 10
+
+
+def _dashboard_charts() -> list[Markup]:
+    """Jobs per minute, latency and cache hit rate over the last hours, as SVG (times in UTC)."""
+    timeline = jobs.job_timeline(settings(), hours=CHART_HOURS, bucket_minutes=CHART_BUCKET_MINUTES)
+    times = [bucket["start"].astimezone(UTC) for bucket in timeline]
+    any_jobs = any(bucket["finished"] for bucket in timeline)
+    nothing = f"no finished jobs in the last {CHART_HOURS} hours"
+    return [
+        line_chart(times, [Series("jobs/min", [b["jobs_per_minute"] if any_jobs else None for b in timeline])],
+                   title="Jobs finished per minute", empty_text=nothing, chart_id="chart-jobs"),
+        line_chart(times, [Series("p50", [b["p50_ms"] for b in timeline]),
+                           Series("p95", [b["p95_ms"] for b in timeline], "s2")],
+                   title="Latency, submit to finished", unit="ms", empty_text=nothing, chart_id="chart-latency"),
+        line_chart(times, [Series("hit rate", [None if b["cache_hit_rate"] is None else 100 * b["cache_hit_rate"]
+                                               for b in timeline])],
+                   title="Result cache hit rate", unit="%", y_max=100,
+                   empty_text=f"no requests in the last {CHART_HOURS} hours", chart_id="chart-cache"),
+    ]
 
 
 @bp.get("/products")
@@ -154,11 +181,9 @@ def products():
             raise ApiError(400, "invalid_request", str(exc)) from None
         items = [h.as_dict() for h in hits[(page - 1) * PER_PAGE:]]
         total = len(hits) if len(hits) < page * PER_PAGE else min(SEARCH_PAGES, page + 1) * PER_PAGE
-        listing = Page(items, page, PER_PAGE, total)
     else:
         items, total = listing.list_products(PER_PAGE, (page - 1) * PER_PAGE, settings())
-        listing = Page(items, page, PER_PAGE, total)
-    return render_template("products.html", query=query or "", mode=mode, listing=listing)
+    return render_template("products.html", query=query or "", mode=mode, listing=Page(items, page, PER_PAGE, total))
 
 
 @bp.get("/products/<stock_code>")
@@ -167,7 +192,9 @@ def product(stock_code: str):
     if item is None:
         abort(404, f"No product with stock code {stock_code[:64]!r}.")
     similar = retrieval.similar(stock_code, 12, settings()) if item["embedded"] else []
-    return render_template("product.html", product=item, similar=similar)
+    together = listing.bought_together(stock_code, 12, settings())
+    sales = listing.monthly_sales(stock_code, settings())
+    return render_template("product.html", product=item, similar=similar, together=together, sales=sales)
 
 
 @bp.get("/customers")
@@ -338,7 +365,8 @@ def evaluation():
             blocks = _markdown_blocks(report.get("metrics_table_markdown") or report.get("table_markdown") or "")
     plot = report.get("plot_path") if report else None
     has_plot = bool(plot) and Path(plot).suffix.lower() == ".png" and Path(plot).is_file()
-    return render_template("evaluation.html", report=report, error=error, blocks=blocks, has_plot=has_plot)
+    return render_template("evaluation.html", report=report, error=error, blocks=blocks, has_plot=has_plot,
+                           verdict=verdict.evaluation_verdict(report.get("metrics")) if report else [])
 
 
 @bp.get("/evaluation/plot.png")

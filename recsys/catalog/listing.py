@@ -1,8 +1,9 @@
-"""Pages of the catalog for people browsing it: customers, products, one customer, does a product exist."""
+"""Pages of the catalog for people browsing it: customers, products, one customer, does a product exist,
+what sells with a product and how it sold."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from recsys.config import Settings
 from recsys.platform.db import get_engine
@@ -46,3 +47,33 @@ def list_products(limit: int, offset: int, settings: Settings) -> tuple[list[dic
             .offset(offset)
         ).all()
     return [dict(r._mapping) for r in rows], total
+
+
+def bought_together(stock_code: str, n: int, settings: Settings) -> list[dict]:
+    """The products most often in the same invoice as this one (the `copurchase` view), most orders first."""
+    with get_engine(settings).connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT c.other_stock_code AS stock_code, p.description, c.invoices FROM copurchase c "
+                "JOIN products p ON p.stock_code = c.other_stock_code "
+                "WHERE c.stock_code = :code AND NOT p.is_non_product "
+                "ORDER BY c.invoices DESC, c.other_stock_code LIMIT :n"
+            ),
+            {"code": stock_code, "n": n},
+        ).all()
+    return [dict(r._mapping) for r in rows]
+
+
+def monthly_sales(stock_code: str, settings: Settings) -> list[dict]:
+    """Per calendar month with sales, oldest first: quantity, orders (invoices), customers and revenue."""
+    with get_engine(settings).connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT date_trunc('month', invoiced_at)::date AS month, sum(quantity) AS quantity, "
+                "count(DISTINCT invoice_no) AS orders, count(DISTINCT customer_id) AS customers, "
+                "sum(quantity * unit_price) AS revenue "
+                "FROM purchases WHERE stock_code = :code GROUP BY 1 ORDER BY 1"
+            ),
+            {"code": stock_code},
+        ).all()
+    return [dict(r._mapping) for r in rows]

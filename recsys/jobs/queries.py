@@ -105,6 +105,64 @@ def job_throughput(settings: Settings, window_seconds: int = 3600) -> dict:
     }
 
 
+TIMELINE_SQL = text(
+    """
+    WITH buckets AS (
+        SELECT generate_series(date_bin(make_interval(mins => :bucket), now() - make_interval(hours => :hours),
+                                        TIMESTAMPTZ '2000-01-01'),
+                               now(), make_interval(mins => :bucket)) AS start
+    ), finished AS (
+        SELECT date_bin(make_interval(mins => :bucket), finished_at, TIMESTAMPTZ '2000-01-01') AS start,
+               count(*) AS finished,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at)) AS p95
+        FROM jobs
+        WHERE status IN ('succeeded', 'failed')
+          AND finished_at >= now() - make_interval(hours => :hours, mins => :bucket)
+        GROUP BY 1
+    ), created AS (
+        SELECT date_bin(make_interval(mins => :bucket), created_at, TIMESTAMPTZ '2000-01-01') AS start,
+               count(*) AS created
+        FROM jobs WHERE created_at >= now() - make_interval(hours => :hours, mins => :bucket)
+        GROUP BY 1
+    )
+    SELECT b.start, coalesce(f.finished, 0) AS finished, f.p50, f.p95, coalesce(c.created, 0) AS created
+    FROM buckets b LEFT JOIN finished f USING (start) LEFT JOIN created c USING (start)
+    ORDER BY b.start
+    """
+)
+
+
+def job_timeline(settings: Settings, hours: int = 6, bucket_minutes: int = 10) -> list[dict]:
+    """The last `hours` in buckets, oldest first: jobs finished per minute, submit→finished p50/p95 (ms),
+    and the share of requests answered from the result cache (hits / (hits + jobs created); None when
+    there were neither)."""
+    if hours <= 0 or bucket_minutes <= 0:
+        raise RequestError(f"hours and bucket minutes must be positive, got {hours} and {bucket_minutes}")
+    with get_engine(settings).connect() as conn:
+        rows = conn.execute(TIMELINE_SQL, {"hours": hours, "bucket": bucket_minutes}).all()
+    if not rows:
+        return []
+    first = int(rows[0].start.timestamp() // 60)
+    hits = cache.hits_per_minute(settings, first, int(rows[-1].start.timestamp() // 60) + bucket_minutes - 1)
+    timeline = []
+    for row in rows:
+        start = int(row.start.timestamp() // 60)
+        bucket_hits = sum(hits.get(minute, 0) for minute in range(start, start + bucket_minutes))
+        lookups = bucket_hits + row.created
+        timeline.append({
+            "start": row.start,
+            "finished": row.finished,
+            "jobs_per_minute": round(row.finished / bucket_minutes, 2),
+            "p50_ms": round(float(row.p50) * 1000, 1) if row.p50 is not None else None,
+            "p95_ms": round(float(row.p95) * 1000, 1) if row.p95 is not None else None,
+            "cache_hits": bucket_hits,
+            "jobs_created": row.created,
+            "cache_hit_rate": bucket_hits / lookups if lookups else None,
+        })
+    return timeline
+
+
 def cache_stats(settings: Settings) -> dict:
     """Cache entries and hits."""
     with get_engine(settings).connect() as conn:

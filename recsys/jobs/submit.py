@@ -58,7 +58,8 @@ def submit_recommendation(
         key = cache.cache_key(conn, request, settings)
         hit = cache.lookup(conn, key)
         if hit is not None:
-            return SubmitOutcome(job_id=None, status="succeeded", result=hit, cached=True, created=False)
+            cache.record_hit(settings)
+            return SubmitOutcome(job_id=hit.job_id, status="succeeded", result=hit.result, cached=True, created=False)
         job_id = uuid.uuid4()
         inserted = conn.execute(
             text(

@@ -11,15 +11,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
+from typing import NamedTuple
 
 from sqlalchemy import Connection, text
 
 from recsys.catalog.embedding import query_dtype
 from recsys.config import Settings
 from recsys.recommend.pipeline import model_identity
-from recsys.recommend.request import RecommendationRequest
+from recsys.recommend.request import RecommendationRequest, RequestError
+
+log = logging.getLogger(__name__)
 
 KEY_VERSION = 1
+# Hits per minute are counted in the broker (one key per minute, kept a day) for the dashboard's chart;
+# the cache table only knows each entry's total.
+HITS_KEY_PREFIX = "recsys:cache_hits:"
+HITS_KEPT_SECONDS = 26 * 3600
+
+
+class CachedAnswer(NamedTuple):
+    result: dict
+    job_id: object
+    """The job that computed the answer: an id every answer can be looked up by."""
 
 
 def fingerprints(conn: Connection, customer_id: int | None) -> dict:
@@ -47,12 +62,19 @@ def fingerprints(conn: Connection, customer_id: int | None) -> dict:
 
 
 def cache_key(conn: Connection, request: RecommendationRequest, settings: Settings) -> str:
-    """SHA-256 over everything that changes the answer; `request` must have its defaults filled in."""
+    """SHA-256 over everything that changes the answer; `request` must have its defaults filled in.
+
+    Reading the customer's history fingerprint also refuses, before any job exists, a request that
+    cannot be served: no query text and a customer without purchases (RequestError).
+    """
     model, prompt_version = model_identity(request.ranker, settings)
+    prints = fingerprints(conn, request.customer_id)
+    if request.customer_id is not None and not request.query and not prints["customer"][0]:
+        raise RequestError(f"customer {request.customer_id} has no purchases and the request has no query text")
     parts = {
         "v": KEY_VERSION,
         "request": request.as_dict(),
-        **fingerprints(conn, request.customer_id),
+        **prints,
         "model": model,
         "prompt_version": prompt_version,
         "embedding_model": settings.embedding_model,
@@ -65,14 +87,42 @@ def cache_key(conn: Connection, request: RecommendationRequest, settings: Settin
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def lookup(conn: Connection, key: str) -> dict | None:
-    """The cached result, counting the hit; None on a miss."""
-    return conn.execute(
+def lookup(conn: Connection, key: str) -> CachedAnswer | None:
+    """The cached result and the job that made it, counting the hit; None on a miss."""
+    row = conn.execute(
         text(
-            "UPDATE result_cache SET hits = hits + 1, last_hit_at = now() WHERE cache_key = :key RETURNING result"
+            "UPDATE result_cache SET hits = hits + 1, last_hit_at = now() WHERE cache_key = :key "
+            "RETURNING result, job_id"
         ),
         {"key": key},
-    ).scalar_one_or_none()
+    ).one_or_none()
+    return CachedAnswer(row.result, row.job_id) if row is not None else None
+
+
+def record_hit(settings: Settings) -> None:
+    """Count one hit in this minute's broker counter; a broker that is down costs the chart a point, nothing more."""
+    from recsys.platform import broker
+
+    key = f"{HITS_KEY_PREFIX}{int(time.time() // 60)}"
+    try:
+        broker.redis_client(settings).pipeline(transaction=False).incr(key).expire(key, HITS_KEPT_SECONDS).execute()
+    except Exception as exc:
+        log.debug("cache hit not counted: %s", exc)
+
+
+def hits_per_minute(settings: Settings, first_minute: int, last_minute: int) -> dict[int, int]:
+    """Hits counted in each minute (epoch minutes, both ends included); empty when the broker cannot say."""
+    from recsys.platform import broker
+
+    minutes = list(range(first_minute, last_minute + 1))
+    if not minutes:
+        return {}
+    try:
+        counts = broker.redis_client(settings).mget([f"{HITS_KEY_PREFIX}{m}" for m in minutes])
+    except Exception as exc:
+        log.warning("cache hit counts unavailable: %s", exc)
+        return {}
+    return {minute: int(count) for minute, count in zip(minutes, counts, strict=True) if count}
 
 
 def stats(conn: Connection) -> dict:
