@@ -3,6 +3,11 @@
 Each test that touches the database gets its own database, cloned from a migrated template
 (`CREATE DATABASE … TEMPLATE`), so tests may commit, COPY and refresh freely and still never
 see each other's rows.
+
+External mode (`make test-external`): with RECSYS_TEST_EXTERNAL=1, DATABASE_URL (a server with
+pgvector, any database on it) and CELERY_BROKER_URL (a Redis) name servers this session neither
+starts nor stops; the template and per-test databases are created on that server and dropped
+after. The two variables are taken out of the environment so that nothing else reads them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,22 @@ from recsys.platform.db import dispose_engines, get_engine  # noqa: E402
 
 TEMPLATE_DB = "recsys_template"
 _database_ids = itertools.count()
+
+EXTERNAL = os.environ.get("RECSYS_TEST_EXTERNAL", "") not in ("", "0")
+EXTERNAL_DATABASE_URL = os.environ.pop("DATABASE_URL", None) if EXTERNAL else None
+EXTERNAL_BROKER_URL = os.environ.pop("CELERY_BROKER_URL", None) if EXTERNAL else None
+if EXTERNAL and not (EXTERNAL_DATABASE_URL and EXTERNAL_BROKER_URL):
+    raise pytest.UsageError("RECSYS_TEST_EXTERNAL=1 needs DATABASE_URL and CELERY_BROKER_URL")
+
+
+def on_database(settings: Settings, name: str) -> Settings:
+    """The same settings pointed at database `name` on the same server (embedded or external)."""
+    if settings.database_url is None:
+        return settings.with_(db_name=name)
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url).set(database=name)
+    return settings.with_(db_name=name, database_url=url.render_as_string(hide_password=False))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,23 +85,35 @@ def test_home():
 
 @pytest.fixture(scope="session")
 def base_settings(test_home) -> Settings:
-    return Settings(
+    settings = Settings(
         home=test_home,
         db_name=TEMPLATE_DB,
         broker_port=free_port(),
         model_cache=Path(os.environ.get("RECSYS_TEST_MODEL_CACHE", Path.home() / ".cache" / "recsys-test-models")),
     )
+    if EXTERNAL:
+        settings = on_database(settings.with_(database_url=EXTERNAL_DATABASE_URL, broker_url=EXTERNAL_BROKER_URL),
+                               TEMPLATE_DB)
+    return settings
 
 
 @pytest.fixture(scope="session")
 def postgres(base_settings):
-    """The session's embedded Postgres, with a template database at the latest migration."""
-    embedded.start_postgres(base_settings)
+    """The session's Postgres (embedded, or the external server), with a template database at the
+    latest migration."""
+    if EXTERNAL:
+        _admin_execute(base_settings, f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+        _admin_execute(base_settings, f'CREATE DATABASE "{TEMPLATE_DB}"')
+    else:
+        embedded.start_postgres(base_settings)
     migrations.upgrade(base_settings)
     dispose_engines()
     yield base_settings
     dispose_engines()
-    embedded.stop_postgres(base_settings)
+    if EXTERNAL:
+        _admin_execute(base_settings, f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+    else:
+        embedded.stop_postgres(base_settings)
 
 
 def _admin_execute(settings: Settings, statement: str) -> None:
@@ -88,7 +121,7 @@ def _admin_execute(settings: Settings, statement: str) -> None:
 
     from recsys.platform.db import database_url
 
-    engine = create_engine(database_url(settings.with_(db_name="postgres")), isolation_level="AUTOCOMMIT")
+    engine = create_engine(database_url(on_database(settings, "postgres")), isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
             conn.execute(text(statement))
@@ -101,7 +134,7 @@ def db(postgres) -> Settings:
     """Settings pointing at a fresh database of this test's own, at the latest migration."""
     name = f"recsys_test_{os.getpid()}_{next(_database_ids)}"
     _admin_execute(postgres, f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
-    settings = postgres.with_(db_name=name)
+    settings = on_database(postgres, name)
     set_settings(settings)
     yield settings
     set_settings(None)
@@ -114,7 +147,7 @@ def empty_db(postgres) -> Settings:
     """A fresh database with no schema at all, for migration tests."""
     name = f"recsys_empty_{os.getpid()}_{next(_database_ids)}"
     _admin_execute(postgres, f'CREATE DATABASE "{name}"')
-    settings = postgres.with_(db_name=name)
+    settings = on_database(postgres, name)
     yield settings
     dispose_engines()
     _admin_execute(postgres, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -122,7 +155,10 @@ def empty_db(postgres) -> Settings:
 
 @pytest.fixture(scope="session")
 def broker(base_settings):
-    """The session's Valkey on a free loopback port."""
+    """The session's Valkey on a free loopback port (or the external Redis, left running)."""
+    if EXTERNAL:
+        yield base_settings
+        return
     embedded.start_broker(base_settings)
     yield base_settings
     embedded.stop_broker(base_settings)

@@ -39,11 +39,13 @@ def ensure_database(settings: Settings | None = None, migrated: bool = True) -> 
     """
     settings = settings or get_settings()
     from recsys.platform import migrations
-    from recsys.platform.embedded import ServiceError, start_postgres
+    from recsys.platform.embedded import ServiceError, check_database, start_postgres
 
     try:
         if settings.uses_embedded_db:
             start_postgres(settings)
+        else:
+            check_database(settings)
         if migrated:
             current, head = migrations.current_revision(settings), migrations.head_revision()
             if current != head:

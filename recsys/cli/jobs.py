@@ -64,14 +64,16 @@ def beat_argv(settings: Settings, loglevel: str | None = None) -> list[str]:
 
 
 def _ensure_services() -> Settings:
-    from recsys.platform.embedded import ServiceError, start_broker
+    from recsys.platform.embedded import ServiceError, check_broker, start_broker
 
     settings = ensure_database()
-    if settings.uses_embedded_broker:
-        try:
+    try:
+        if settings.uses_embedded_broker:
             start_broker(settings)
-        except ServiceError as exc:
-            fail(str(exc), SERVICE_FAILURE)
+        else:
+            check_broker(settings)
+    except ServiceError as exc:
+        fail(str(exc), SERVICE_FAILURE)
     settings.home.mkdir(parents=True, exist_ok=True)
     return settings
 

@@ -31,6 +31,8 @@ def start(as_json: bool) -> None:
         statuses = svc.start_all(settings)
     except svc.ServiceError as exc:
         fail(str(exc), SERVICE_FAILURE)
+    if not as_json and not any(s.embedded for s in statuses):
+        click.echo("nothing started: DATABASE_URL and CELERY_BROKER_URL name external services, both answering")
     emit({s.name: s.as_dict() for s in statuses}, as_json, _render_status)
 
 

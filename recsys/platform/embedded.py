@@ -265,7 +265,50 @@ def _can_ping_broker(settings: Settings) -> bool:
         return False
 
 
+def check_database(settings: Settings) -> None:
+    """An external DATABASE_URL must answer and have pgvector (installed, or installable by this user);
+    raises ServiceError with one line naming what is wrong."""
+    where = f"{_redact(settings.database_url)} (DATABASE_URL)"
+    try:
+        with psycopg.connect(settings.sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1),
+                             connect_timeout=5) as conn:
+            installed, available, may_create, database, user = conn.execute(
+                "SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'),"
+                " EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector'),"
+                " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+                "  OR coalesce((SELECT trusted FROM pg_available_extension_versions"
+                "               WHERE name = 'vector' ORDER BY version DESC LIMIT 1), false),"
+                " current_database(), current_user"
+            ).fetchone()
+    except psycopg.Error as exc:
+        raise ServiceError(f"database {where} unreachable: {str(exc).strip().splitlines()[0]}") from exc
+    if installed:
+        return
+    if not available:
+        raise ServiceError(f"database {where} has no pgvector: the server does not ship the `vector` extension "
+                           "(install pgvector 0.8 or later, or use the pgvector/pgvector image)")
+    if not may_create:
+        raise ServiceError(f"database {where}: pgvector is not installed in database {database!r} and user {user!r} "
+                           "may not create it; run `CREATE EXTENSION vector` there as a superuser")
+
+
+def check_broker(settings: Settings) -> None:
+    """An external CELERY_BROKER_URL must answer a ping; raises ServiceError with one line otherwise."""
+    if not _can_ping_broker(settings):
+        raise ServiceError(f"broker {_redact(settings.broker_url)} (CELERY_BROKER_URL) does not answer")
+
+
+def check_external(settings: Settings) -> None:
+    """Check the external services the settings name (none when everything is embedded)."""
+    if not settings.uses_embedded_db:
+        check_database(settings)
+    if not settings.uses_embedded_broker:
+        check_broker(settings)
+
+
 def start_all(settings: Settings) -> list[ServiceStatus]:
+    """Start the embedded services, after checking the external ones, so that a bad URL starts nothing."""
+    check_external(settings)
     return [start_postgres(settings), start_broker(settings)]
 
 
