@@ -24,6 +24,12 @@ MLP 16384, vocabulary 256000), built from a config, with the packaged Gemma 3 to
 (whose ids for ordinary text are all below 256000). That mode is for timing a GPU without
 downloading gemma-2b; its rankings are noise and generation runs to its token budget.
 
+`learned` and `learned-llm` rank what the production pipeline hands them: requests built from
+the database under RECSYS_HOME (its customers, both tasks: no query, and the type words of a
+product the customer bought) through `recommend_batch`, every merged candidate (up to
+RECSYS_RETRIEVE_K, `--candidates` does not apply), with the trained model in the model cache
+(`recsys train ranker`). The LLM is loaded only when a ranker needs it.
+
 Each ranker is warmed up once before timing (first calls pay one-off kernel set-up).
 Progress goes to stderr, JSON to stdout. The CPU may be shared: the JSON records load averages.
 """
@@ -53,7 +59,15 @@ from recsys.llm.device import resolve_device, resolve_dtype
 from recsys.llm.inference import encode_prompt, generate_greedy
 from recsys.llm.loading import LoadedModel, load_model
 from recsys.llm.prompts import LISTWISE_ANSWER_PREFIX, listwise_prompt
-from recsys.rankers import RANKER_NAMES, Candidate, HistoryItem, RankRequest, get_ranker
+from recsys.rankers import (
+    RANKER_NAMES,
+    Candidate,
+    HistoryItem,
+    RankRequest,
+    get_ranker,
+    is_learned_ranker,
+    is_llm_ranker,
+)
 from recsys.rankers.llm_common import LLMRanker
 
 BASELINE = "notebook-baseline"
@@ -116,6 +130,42 @@ class CatalogSampler:
         )
 
 
+class DatabaseSampler:
+    """Rank requests exactly as the pipeline builds them for a learned ranker, from the database."""
+
+    def __init__(self, settings: Settings, seed: int, pool: int = 256) -> None:
+        from sqlalchemy import text
+
+        from recsys.evaluation.queries import type_query
+        from recsys.platform.db import get_engine
+        from recsys.rankers.training import CaptureRanker
+        from recsys.recommend.pipeline import recommend_batch
+        from recsys.recommend.request import MAX_K, RecommendationRequest
+
+        with get_engine(settings).connect() as conn:
+            rows = conn.execute(text(
+                "SELECT DISTINCT ON (pu.customer_id) pu.customer_id, p.description FROM purchases pu "
+                "JOIN products p USING (stock_code) WHERE NOT p.is_non_product "
+                "ORDER BY pu.customer_id, pu.invoiced_at DESC")).all()
+        rng = random.Random(seed)
+        picked = rng.sample(rows, min(pool // 2, len(rows)))
+        requests = [RecommendationRequest(customer_id=r.customer_id, k=MAX_K, ranker="learned") for r in picked]
+        requests += [RecommendationRequest(customer_id=r.customer_id, query=type_query(r.description), k=MAX_K,
+                                           ranker="learned") for r in picked if type_query(r.description)]
+        capture = CaptureRanker()
+        for start in range(0, len(requests), 32):
+            recommend_batch(requests[start:start + 32], settings, ranker=capture)
+        self.requests = capture.requests
+        rng.shuffle(self.requests)
+        self.position = 0
+
+    def request(self, candidates: int, explain: bool) -> RankRequest:
+        request = self.requests[self.position % len(self.requests)]
+        self.position += 1
+        return RankRequest(candidates=request.candidates, history=request.history, query=request.query,
+                           customer_id=request.customer_id, explain=explain)
+
+
 def build_model(args, settings: Settings) -> LoadedModel:
     if args.random_arch:
         if args.random_arch != "gemma-2b-it":
@@ -127,8 +177,8 @@ def build_model(args, settings: Settings) -> LoadedModel:
     return load_model(settings, model_name=args.model, device=args.device, dtype=args.dtype)
 
 
-def synchronize(model: LoadedModel) -> None:
-    if model.device.type == "cuda":
+def synchronize(model: LoadedModel | None) -> None:
+    if model is not None and model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
 
 
@@ -193,6 +243,14 @@ def time_ranker(ranker, model: LoadedModel, sampler: CatalogSampler, batch_size:
     }
 
 
+def cpu_model() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rankers", default=",".join(DEFAULT_RANKERS))
@@ -228,19 +286,26 @@ def main(argv: list[str] | None = None) -> int:
     args.device, args.dtype = settings.device, settings.dtype
     progress(f"reading {args.data}")
     sampler = CatalogSampler(args.data, args.seed)
-    progress("loading model")
-    started = time.perf_counter()
-    model = build_model(args, settings)
-    load_seconds = time.perf_counter() - started
+    database_sampler = None
+    if any(is_learned_ranker(name) for name in rankers):
+        progress("building learned-ranker requests through the pipeline (database under RECSYS_HOME)")
+        database_sampler = DatabaseSampler(settings, args.seed)
+    model, load_seconds = None, 0.0
+    if any(is_llm_ranker(name) or name in (BASELINE, "learned-llm") for name in rankers):
+        progress("loading model")
+        started = time.perf_counter()
+        model = build_model(args, settings)
+        load_seconds = time.perf_counter() - started
 
     report = {
-        "model": model.name,
-        "device": str(model.device),
-        "dtype": str(model.dtype).replace("torch.", ""),
+        "model": model.name if model else None,
+        "device": str(model.device) if model else "cpu",
+        "dtype": str(model.dtype).replace("torch.", "") if model else None,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None,
+        "cpu_model": cpu_model(),
+        "gpu": torch.cuda.get_device_name(model.device) if model and model.device.type == "cuda" else None,
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "model_load_seconds": round(load_seconds, 2),
         "candidates": args.candidates,
@@ -258,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ranker = get_ranker(name, settings=settings, model=model)
             sizes = batch_sizes
+        source = database_sampler if is_learned_ranker(name) else sampler
         progress(f"{name}: warm-up")
-        ranker.rank([sampler.request(args.candidates, args.explain)])
+        ranker.rank([source.request(args.candidates, args.explain)])
         report["results"][name] = {}
         for size in sizes:
             progress(f"{name}: batch {size}")
@@ -267,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 measured = time_ranker(ranker, model, sampler, args.baseline_requests, args)
                 measured["requests_per_call"] = 1
             else:
-                measured = time_ranker(ranker, model, sampler, size, args)
+                measured = time_ranker(ranker, model, source, size, args)
             report["results"][name][f"batch_{size}"] = measured
             progress(f"  {json.dumps(measured)}")
     report["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -242,3 +242,34 @@ def test_features_come_from_the_candidate_stage_evidence_when_it_is_there(loaded
     assert row["in_repeat"] == 1 and row["in_vector"] == 0 and row["source_count"] == 2
     assert row["price"] == pytest.approx(2.95) and row["customer_purchases"] == 5
     assert row["days_since_last_purchase"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_model_version_is_part_of_the_result_cache_key(loaded_db, tmp_path):
+    from recsys.platform.db import get_engine
+    from recsys.recommend.cache import cache_key
+    from recsys.recommend.request import RecommendationRequest
+
+    settings = loaded_db.with_(model_cache=tmp_path)
+    request = RecommendationRequest(15781, "lantern", 3, "learned")
+    path = model_path(settings, "learned")
+    write_model(path, _tiny_booster(FEATURES), {"variant": "learned", "features": list(FEATURES)})
+    with get_engine(settings).connect() as conn:
+        first = cache_key(conn, request, settings)
+        assert cache_key(conn, request, settings) == first
+        write_model(path, _tiny_booster(FEATURES, seed=3), {"variant": "learned", "features": list(FEATURES)})
+        assert cache_key(conn, request, settings) != first
+
+
+def test_the_api_answers_400_naming_the_command_when_no_model_is_trained(db, broker, tmp_path, api_key):
+    from sqlalchemy import text
+
+    from recsys.platform.db import get_engine
+    from web import create_app
+
+    app = create_app(db.with_(model_cache=tmp_path), {"TESTING": True, "API_KEY_CACHE_SECONDS": 0})
+    response = app.test_client().post("/api/v1/recommendations", json={"query": "lantern", "k": 3, "ranker": "learned"},
+                                      headers={"Authorization": f"Bearer {api_key}"})
+    assert response.status_code == 400
+    assert "recsys train ranker" in response.get_json()["error"]["message"]
+    with get_engine(db).connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 0

@@ -64,5 +64,25 @@ def ranker(cutoff, variant, horizon_days, max_examples, seed, as_json) -> None:
     emit(metadata, as_json, _render)
 
 
+def train_when_missing(settings) -> None:
+    """`recsys up`: train the learned ranker once, when the model cache has none (a failure is reported,
+    not raised: the other rankers serve without it)."""
+    from recsys.rankers.learned import model_path
+    from recsys.rankers.training import TrainingError, train_ranker
+
+    if model_path(settings, "learned").exists():
+        return
+    click.echo("training the learned ranker (recsys train ranker) ...")
+    try:
+        metadata = train_ranker(settings)
+    except TrainingError as exc:
+        click.echo(f"  not trained: {exc}")
+        return
+    validation = metadata["metrics"]["validation"].get("all", {})
+    click.echo(f"  model {metadata['version']} in {metadata['timings']['total_s']:.0f} s "
+               f"(validation NDCG@10 {validation.get('ndcg@10', 0):.3f}, "
+               f"candidate order {validation.get('candidate_order_ndcg@10', 0):.3f})")
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(train)

@@ -184,7 +184,7 @@ def make_examples(
     return examples
 
 
-class _CaptureRanker:
+class CaptureRanker:
     """Records the pipeline's rank requests (every candidate) and answers in the given order."""
 
     name = "capture"
@@ -206,7 +206,7 @@ def collect_requests(
     from recsys.recommend.pipeline import recommend_batch
     from recsys.recommend.request import MAX_K, RecommendationRequest
 
-    capture = _CaptureRanker()
+    capture = CaptureRanker()
     bar = progress("candidates", len(examples))
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
