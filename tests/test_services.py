@@ -74,10 +74,14 @@ def test_broker_stop_and_restart(tmp_path):
     assert not embedded.stop_broker(settings)
 
 
-def test_external_urls_start_nothing(tmp_path):
+def test_external_urls_start_nothing_and_unreachable_ones_are_one_line(tmp_path):
     settings = Settings(home=tmp_path / "never", database_url="postgresql://u:secret@127.0.0.1:1/x",
                         broker_url="redis://127.0.0.1:1/0")
-    statuses = embedded.start_all(settings)
+    with pytest.raises(embedded.ServiceError) as raised:
+        embedded.start_all(settings)
+    message = str(raised.value)
+    assert "\n" not in message and "(DATABASE_URL) unreachable" in message and "secret" not in message
+    statuses = embedded.status_all(settings)
     assert not (tmp_path / "never").exists()
     assert all(not s.embedded and not s.running for s in statuses)
     assert "secret" not in statuses[0].where
