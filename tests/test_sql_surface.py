@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from pgvector import Vector
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from recsys.catalog.embedding import vector_literal
 from recsys.catalog.history import history, history_vector, history_vectors, recent_histories
 from recsys.catalog.ingest import ingest_file
 from recsys.catalog.retrieval import search, search_by_vector, search_many, similar
@@ -38,8 +38,8 @@ def synthetic_catalog(db):
         for i, vector in enumerate(vectors):
             conn.execute(
                 text("INSERT INTO products (stock_code, description, embedding, embedding_model) "
-                     "VALUES (:code, :desc, CAST(:v AS vector), 'synthetic')"),
-                {"code": f"S{i:05d}", "desc": f"SYNTHETIC ITEM {i}", "v": vector_literal(vector)},
+                     "VALUES (:code, :desc, :v, 'synthetic')"),
+                {"code": f"S{i:05d}", "desc": f"SYNTHETIC ITEM {i}", "v": vector.astype(np.float32)},
             )
         conn.execute(
             text("INSERT INTO purchases (row_hash, invoice_no, stock_code, customer_id, description, quantity, "
@@ -83,8 +83,8 @@ def test_without_iterative_scan_the_same_filter_starves(synthetic_catalog):
         rows = conn.execute(
             text("SELECT stock_code FROM products p WHERE NOT EXISTS (SELECT 1 FROM purchases pu "
                  "WHERE pu.customer_id = 1 AND pu.stock_code = p.stock_code) "
-                 "ORDER BY embedding <=> CAST(:q AS vector) LIMIT 10"),
-            {"q": vector_literal(synthetic_catalog["query"])},
+                 "ORDER BY embedding <=> :q LIMIT 10"),
+            {"q": synthetic_catalog["query"].astype(np.float32)},
         ).all()
     assert len(rows) < 10
 
@@ -119,15 +119,15 @@ def test_hybrid_finds_an_exact_word_the_vector_side_misses(synthetic_catalog):
     with get_engine(settings).begin() as conn:
         conn.execute(
             text("INSERT INTO products (stock_code, description, embedding) "
-                 "VALUES ('ZX1', 'ZANZIBAR TEAPOT', CAST(:v AS vector))"),
-            {"v": vector_literal(far_away)},
+                 "VALUES ('ZX1', 'ZANZIBAR TEAPOT', :v)"),
+            {"v": far_away.astype(np.float32)},
         )
         vector_only = conn.execute(
-            text("SELECT stock_code FROM search_products(CAST(:q AS vector), 10)"), {"q": vector_literal(query)}
+            text("SELECT stock_code FROM search_products(:q, 10)"), {"q": query.astype(np.float32)}
         ).scalars().all()
         fused = conn.execute(
-            text("SELECT stock_code, text_rank, vector_rank FROM hybrid_search('zanzibar', CAST(:q AS vector), 10)"),
-            {"q": vector_literal(query)},
+            text("SELECT stock_code, text_rank, vector_rank FROM hybrid_search('zanzibar', :q, 10)"),
+            {"q": query.astype(np.float32)},
         ).all()
     assert "ZX1" not in vector_only
     hit = next(r for r in fused if r.stock_code == "ZX1")
@@ -216,3 +216,17 @@ def test_cli_similar_and_search_flags(loaded_db):
     assert result.exit_code == 2
     result = runner.invoke(cli, ["search", "retrospot", "--hybrid", "-k", "1", "--json"])
     assert json.loads(result.output)[0]["stock_code"] == "20725"
+
+
+def test_vectors_cross_as_pgvector_types(synthetic_catalog):
+    """numpy arrays are sent as `vector` parameters and vectors come back as pgvector.Vector (the
+    engine registers pgvector's psycopg types), so no code writes vector text by hand."""
+    settings, query = synthetic_catalog["settings"], synthetic_catalog["query"]
+    with get_engine(settings).connect() as conn:
+        stored = conn.execute(text("SELECT embedding FROM products WHERE stock_code = 'S00000'")).scalar_one()
+        kind = conn.execute(text("SELECT pg_typeof(:q)::text"), {"q": query.astype(np.float32)}).scalar_one()
+        nearest = conn.execute(
+            text("SELECT stock_code FROM products ORDER BY embedding <=> :v LIMIT 1"), {"v": stored.to_numpy()}
+        ).scalar_one()
+    assert isinstance(stored, Vector) and stored.to_numpy().shape == (DIM,)
+    assert kind == "vector" and nearest == "S00000"

@@ -10,9 +10,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+import numpy as np
 from sqlalchemy import Connection, text
 
-from recsys.catalog.embedding import encode_query, vector_literal
+from recsys.catalog.embedding import encode_query
 from recsys.config import Settings
 from recsys.platform.db import get_engine
 
@@ -85,7 +86,7 @@ def search_many(
                 ORDER BY q.ord, s.distance, s.stock_code
                 """
             ),
-            {"vectors": [vector_literal(v) for v in query_embeddings], "customers": excludes, "k": k},
+            {"vectors": [np.asarray(v, dtype=np.float32) for v in query_embeddings], "customers": excludes, "k": k},
         ).all()
     results: list[list[SearchHit]] = [[] for _ in query_embeddings]
     for r in rows:
@@ -113,8 +114,8 @@ def search(
         return search_by_vector(vector, k, settings, ef_search, customer_id if exclude_purchased else None)
     with _search_transaction(settings, ef_search) as conn:
         rows = conn.execute(
-            text("SELECT stock_code, description, score FROM hybrid_search(:text, CAST(:q AS vector), :k)"),
-            {"text": query, "q": vector_literal(vector), "k": k},
+            text("SELECT stock_code, description, score FROM hybrid_search(:text, :q, :k)"),
+            {"text": query, "q": np.asarray(vector, dtype=np.float32), "k": k},
         ).all()
     return [SearchHit(r.stock_code, r.description, float(r.score)) for r in rows]
 

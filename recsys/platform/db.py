@@ -7,7 +7,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine
+import psycopg
+from pgvector.psycopg import register_vector
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from recsys.config import Settings
@@ -46,8 +48,29 @@ def get_engine(settings: Settings) -> Engine:
         engine = _engines.get(key)
         if engine is None:
             engine = create_engine(database_url(settings), pool_pre_ping=True, pool_size=5, max_overflow=10)
+            event.listen(engine, "checkout", _register_vector_types)
             _engines[key] = engine
         return engine
+
+
+def _register_vector_types(dbapi_connection, connection_record, connection_proxy) -> None:
+    """pgvector's psycopg types on each pooled connection: numpy arrays go to SQL as `vector` (binary),
+    and vectors come back as `pgvector.Vector`.
+
+    Done at checkout until it succeeds, not at connect: a database is connected to before its
+    first migration creates the extension (then the type is missing and the next checkout tries again).
+    """
+    if connection_record.info.get("vector_types"):
+        return
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        register_vector(dbapi_connection)
+        connection_record.info["vector_types"] = True
+    except psycopg.ProgrammingError:
+        pass
+    finally:
+        dbapi_connection.autocommit = autocommit
 
 
 def dispose_engines() -> None:
