@@ -193,7 +193,7 @@ def test_evaluation_page(admin_client, db, tmp_path, monkeypatch):
         "plot_path": str(plot),
         "params": {"cutoff": "2011-10-01"},
     }
-    monkeypatch.setattr(web.admin, "latest_report", lambda settings: report)
+    monkeypatch.setattr(web.admin, "latest_report", lambda root: report)
     page = html(admin_client.get("/admin/evaluation"))
     assert "HitRate@5" in page and "llm-listwise" in page and "0.455" in page and "cutoff" in page
     assert 'src="/admin/evaluation/plot.png"' in page

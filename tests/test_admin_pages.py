@@ -107,7 +107,7 @@ def test_evaluation_page_verdict_and_parameters(admin_client, db, monkeypatch):
     report = {"created_at": "2026-11-22T10:00:00+00:00", "metrics": metrics, "table_markdown": "",
               "params": {"cutoff": "2011-11-01", "rankers": ["retrieval", "copurchase"], "limits": {"llm-listwise": 20},
                          "seed": 42}}
-    monkeypatch.setattr(web.admin, "latest_report", lambda settings: report)
+    monkeypatch.setattr(web.admin, "latest_report", lambda root: report)
     page = html(admin_client.get("/admin/evaluation"))
     assert ("Next purchase: copurchase wins — NDCG@10 0.191, +0.027 over retrieval order (95% interval +0.012 to "
             "+0.042, so the gain is real), on 300 cases.") in page

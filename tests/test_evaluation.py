@@ -271,10 +271,10 @@ def test_end_to_end_with_every_ranker(split_db, tiny_llm, tmp_path):
     folder = write_report(results, tmp_path / "eval")
     assert {"metrics.json", "report.md", "ndcg_latency.png", "cases.jsonl"} <= {p.name for p in folder.iterdir()}
     assert (tmp_path / "eval" / "latest").resolve() == folder.resolve()
-    latest = latest_report(root=tmp_path / "eval")
+    latest = latest_report(tmp_path / "eval")
     assert latest["created_at"] == results["created_at"] and latest["params"]["seed"] == 42
     assert "| llm-verbalizer |" in latest["table_markdown"] and latest["plot_path"].endswith(".png")
-    assert latest_report(root=tmp_path / "nothing") is None
+    assert latest_report(tmp_path / "nothing") is None
 
     again = run_evaluation(EvalParams(cutoff=SMALL_CUTOFF, cases=6, rankers=CLASSICAL_RANKER_NAMES,
                                       batch_size=3, max_candidates=5), split_db)

@@ -31,7 +31,7 @@ from markupsafe import Markup, escape
 from recsys import jobs
 from recsys.catalog import history as customer_histories
 from recsys.catalog import listing, retrieval
-from recsys.evaluation.report import latest_report
+from recsys.evaluation.report import eval_root, latest_report
 from recsys.platform import auth
 from recsys.platform.models import JOB_STATUSES
 from recsys.rankers import RANKER_NAMES
@@ -346,7 +346,7 @@ def _markdown_blocks(markdown: str) -> list[dict]:
 
 def _report() -> tuple[dict | None, str | None]:
     try:
-        return latest_report(settings()), None
+        return latest_report(eval_root(settings())), None
     except Exception as exc:
         log.exception("could not load the evaluation report")
         return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__

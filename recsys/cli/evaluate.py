@@ -56,7 +56,7 @@ def evaluate(rankers, tasks, cases, seed, cutoff, until, limit, max_candidates, 
     """Score every ranker on the same held-out cases; write metrics.json, report.md and a plot."""
     from tqdm import tqdm
 
-    from recsys.evaluation.report import report_markdown, write_report
+    from recsys.evaluation.report import eval_root, report_markdown, write_report
     from recsys.evaluation.runner import EvalParams, EvaluationError, run_evaluation
 
     params = EvalParams(exclude_purchased=exclude_purchased, limits=_limits(limit))
@@ -82,7 +82,7 @@ def evaluate(rankers, tasks, cases, seed, cutoff, until, limit, max_candidates, 
         if type(exc).__name__ == "ModelLoadError":
             fail(str(exc), SERVICE_FAILURE)
         raise
-    folder = write_report(results, out, settings)
+    folder = write_report(results, out or eval_root(settings))
     payload = {key: value for key, value in results.items() if key != "per_case"} | {"folder": str(folder)}
     emit(payload, as_json, lambda _: click.echo(report_markdown(results) + f"\nwritten to {folder}"))
 

@@ -35,7 +35,8 @@ TABLE_COLUMNS = (
 
 
 def eval_root(settings: Settings) -> Path:
-    return (settings).home / "eval"
+    """Where `recsys eval` writes its runs and the admin page reads them."""
+    return settings.home / "eval"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -159,9 +160,9 @@ def _point_latest(root: Path, folder: Path) -> None:
     os.replace(temporary, root / LATEST)
 
 
-def write_report(results: dict, root: Path | None, settings: Settings) -> Path:
-    """Write a run's folder under `root` (default `$RECSYS_HOME/eval`) and point `latest` at it."""
-    root = Path(root) if root else eval_root(settings)
+def write_report(results: dict, root: Path) -> Path:
+    """Write a run's folder under `root` (usually `eval_root(settings)`) and point `latest` at it."""
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = root / stamp
@@ -182,9 +183,9 @@ def write_report(results: dict, root: Path | None, settings: Settings) -> Path:
     return folder
 
 
-def latest_report(settings: Settings, root: Path | None = None) -> dict | None:
-    """The newest run for an admin page: {created_at, params, metrics, table_markdown, plot_path}, or None."""
-    root = Path(root) if root else eval_root(settings)
+def latest_report(root: Path) -> dict | None:
+    """The newest run under `root` for an admin page: {created_at, params, metrics, table_markdown, plot_path}."""
+    root = Path(root)
     folder = root / LATEST
     if not (folder / METRICS_FILE).is_file():
         runs = sorted(p for p in root.glob("*/") if (p / METRICS_FILE).is_file()) if root.is_dir() else []

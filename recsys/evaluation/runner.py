@@ -168,9 +168,9 @@ def _summarize(cases: Sequence[Case], orders: Sequence[Sequence[str]]) -> tuple[
 
 
 def run_evaluation(
-    params: EvalParams | None = None,
-    *,
+    params: EvalParams | None,
     settings: Settings,
+    *,
     purchase_log: PurchaseLog | None = None,
     model=None,
     progress: ProgressFactory = no_progress,
