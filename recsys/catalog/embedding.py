@@ -115,19 +115,25 @@ def query_dtype(settings: Settings) -> str:
 
 
 def encode_query(query: str, settings: Settings) -> np.ndarray:
+    """One search query (CLI, web): by the light numpy encoder unless this process holds the torch model."""
     if not query or not query.strip():
         raise ValueError("query text is empty")
-    return encode_queries([query.strip()], settings)[0]
+    return encode_queries([query.strip()], settings, light=True)[0]
 
 
-def encode_queries(queries: Sequence[str], settings: Settings) -> np.ndarray:
+def encode_queries(queries: Sequence[str], settings: Settings, *, light: bool = False) -> np.ndarray:
     """`encode` for search queries, remembering the last QUERY_CACHE_SIZE per process.
+
+    `light`: new queries go through the numpy forward pass (recsys.catalog.query_encoder, float32, no
+    torch to load) when this process has not loaded the sentence-transformers model; batches (the
+    worker, the evaluation) leave it off and keep their precision.
 
     Shops send the same few thousand queries over and over; a repeated one costs a dict lookup
     instead of a transformer pass (about 1.3 ms each in a batch on this CPU).
     """
     model = settings.embedding_model
-    bfloat16 = query_dtype(settings) == "bfloat16"
+    light_encoder = _light_encoder(settings) if light else None
+    bfloat16 = query_dtype(settings) == "bfloat16" and light_encoder is None
     vectors: list[np.ndarray | None] = []
     with _query_lock:
         for query in queries:
@@ -137,7 +143,8 @@ def encode_queries(queries: Sequence[str], settings: Settings) -> np.ndarray:
             vectors.append(vector)
     missing = list(dict.fromkeys(q for q, v in zip(queries, vectors, strict=True) if v is None))
     if missing:
-        fresh = dict(zip(missing, encode(missing, settings, bfloat16=bfloat16), strict=True))
+        encoded = light_encoder.encode(missing) if light_encoder else encode(missing, settings, bfloat16=bfloat16)
+        fresh = dict(zip(missing, encoded, strict=True))
         with _query_lock:
             for query, vector in fresh.items():
                 vector.setflags(write=False)
@@ -146,6 +153,22 @@ def encode_queries(queries: Sequence[str], settings: Settings) -> np.ndarray:
                 _query_vectors.popitem(last=False)
         vectors = [fresh[q] if v is None else v for q, v in zip(queries, vectors, strict=True)]
     return np.stack(vectors) if vectors else np.empty((0, EMBEDDING_DIM), dtype=np.float32)
+
+
+def _light_encoder(settings: Settings):
+    """The numpy query encoder, unless this process already holds the sentence-transformers model."""
+    if settings.embedding_model in _models:
+        return None
+    from recsys.catalog.query_encoder import light_encoder_for
+
+    return light_encoder_for(resolve_model_path(settings.embedding_model))
+
+
+def prepare_query_encoder(settings: Settings) -> float:
+    """Load what encodes this process's search queries and run it once; seconds taken (web processes)."""
+    started = time.perf_counter()
+    encode_queries(["warm up"], settings, light=True)
+    return time.perf_counter() - started
 
 
 def vector_literal(vector: Sequence[float]) -> str:
