@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -138,11 +139,17 @@ class Settings:
 
     @property
     def uses_embedded_db(self) -> bool:
-        return self.database_url is None
+        """No DATABASE_URL, or the one `recsys services env` prints: this home's own server socket and database."""
+        return self.database_url is None or _names_embedded_postgres(self.database_url, self.pgdata, self.db_name)
 
     @property
     def uses_embedded_broker(self) -> bool:
-        return self.broker_url is None
+        """No CELERY_BROKER_URL, or one naming the embedded Valkey's own loopback port."""
+        if self.broker_url is None:
+            return True
+        parts = urlsplit(self.broker_url)
+        return (parts.scheme == "redis" and parts.hostname in ("127.0.0.1", "localhost")
+                and parts.port == self.broker_port)
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -156,6 +163,25 @@ class Settings:
     @property
     def celery_broker_url(self) -> str:
         return self.broker_url or f"redis://127.0.0.1:{self.broker_port}/0"
+
+
+def _names_embedded_postgres(url: str, pgdata: Path, db_name: str) -> bool:
+    """The URL reaches `db_name` through the unix socket of the server whose data folder is `pgdata`.
+
+    The socket is in pgdata, or where postmaster.pid says (line 5) when pgdata's path is too long for one.
+    """
+    parts = urlsplit(url)
+    host = (parse_qs(parts.query).get("host") or [parts.hostname or ""])[0]
+    if not host.startswith("/") or parts.path.lstrip("/") != db_name:
+        return False
+    sockets = {pgdata.resolve()}
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        lines = []
+    if len(lines) > 4 and lines[4].strip():
+        sockets.add(Path(lines[4].strip()).resolve())
+    return Path(host).resolve() in sockets
 
 
 # settings read from a variable other than RECSYS_<FIELD NAME>

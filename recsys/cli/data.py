@@ -164,20 +164,21 @@ def _render_hits(hits: list[dict]) -> None:
 def history(customer_id: int, n: int, order: str, as_json: bool) -> None:
     """A customer's purchased products."""
     from recsys.catalog.history import history as customer_history
+    from recsys.catalog.listing import customer
 
     if n <= 0:
         fail(f"-n must be a positive integer, got {n}")
-    entries = customer_history(customer_id, n, order, ensure_database())
+    settings = ensure_database()
+    entries = customer_history(customer_id, n, order, settings)
+    if not entries and customer(customer_id, settings) is None:
+        fail(f"no customer {customer_id}")  # as the API's 404
     emit(
         [e.as_dict() for e in entries],
         as_json,
-        lambda rows: (
-            [
-                click.echo(f"{r['last_purchased_at']}  {r['stock_code']:10} x{r['quantity']:<5} {r['description']}")
-                for r in rows
-            ]
-            or click.echo(f"customer {customer_id} has no purchases")
-        ),
+        lambda rows: [
+            click.echo(f"{r['last_purchased_at']}  {r['stock_code']:10} x{r['quantity']:<5} {r['description']}")
+            for r in rows
+        ],
     )
 
 
