@@ -110,3 +110,24 @@ def test_up_stops_what_it_started_or_found_running_from_its_home(tmp_path, sampl
     assert proc.returncode == 0, rest
     assert "stopped broker, postgres" in rest
     assert not embedded.postgres_status(settings).running and not embedded.broker_status(settings).running
+
+
+
+def test_health_says_warming_until_the_web_process_is_warm(client, db, monkeypatch):
+    """gunicorn starts the warm-up in each process; here the test starts it, holding the query cache's lock
+    so the warm-up cannot finish before the test has looked."""
+    import threading
+
+    from recsys.catalog import embedding
+    from web import health
+
+    monkeypatch.setattr(health, "_warm_up_started", threading.Event())
+    monkeypatch.setattr(health, "_warm_up_done", threading.Event())
+    assert client.get("/api/v1/health").get_json()["status"] in ("ok", "degraded")  # never started: not warming
+    with embedding._query_lock:
+        health.start_warm_up(db)
+        warming = client.get("/api/v1/health")
+        assert warming.status_code == 503 and warming.get_json()["status"] == "warming"
+    assert health._warm_up_done.wait(120)
+    warm = client.get("/api/v1/health")
+    assert warm.status_code == 200 and warm.get_json()["status"] in ("ok", "degraded")

@@ -258,6 +258,8 @@ def health():
     worker = health_checks.check_workers(settings())
     serving = database["ok"] and broker["ok"]
     status = "unavailable" if not serving else ("ok" if worker["ok"] else "degraded")
+    if serving and health_checks.warming():
+        status, serving = "warming", False  # this process is still loading what searches need
     body = {"status": status, "database": database, "broker": broker, "worker": worker}
     return jsonify(body), 200 if serving else 503
 

@@ -37,6 +37,13 @@ if _json_logging:
     logconfig_dict = _json_logging
 
 
+def post_worker_init(worker):
+    """Warm each web process as it starts (web.health.start_warm_up); /health says "warming" until it is done."""
+    from web import health
+
+    health.start_warm_up(worker.wsgi.config["RECSYS_SETTINGS"])
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 

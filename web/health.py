@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from sqlalchemy import text
@@ -13,6 +14,37 @@ from recsys.platform import broker
 from recsys.platform.db import get_engine
 
 log = logging.getLogger(__name__)
+
+_warm_up_started = threading.Event()
+_warm_up_done = threading.Event()
+
+
+def start_warm_up(settings: Settings) -> None:
+    """Load what this web process needs to answer at full speed (the search query encoder), in the background.
+
+    gunicorn calls it as each process starts; until it is done /health answers "warming" (503), and a search
+    that arrives meanwhile waits for the same load instead of starting its own.
+    """
+    if _warm_up_started.is_set():
+        return
+    _warm_up_started.set()
+
+    def warm() -> None:
+        from recsys.catalog.embedding import prepare_query_encoder
+
+        try:
+            log.info("web process warm in %.2f s", prepare_query_encoder(settings))
+        except Exception:
+            log.exception("warm-up failed; the first search will load the encoder itself")
+        finally:
+            _warm_up_done.set()
+
+    threading.Thread(target=warm, name="warm-up", daemon=True).start()
+
+
+def warming() -> bool:
+    """True while a started warm-up runs (never in a process that did not start one, such as the tests' app)."""
+    return _warm_up_started.is_set() and not _warm_up_done.is_set()
 
 
 def check_database(settings: Settings) -> dict:

@@ -198,7 +198,7 @@ SCHEMAS: dict[str, dict] = {
     "Health": {
         "type": "object",
         "properties": {
-            "status": {"type": "string", "enum": ["ok", "degraded", "unavailable"]},
+            "status": {"type": "string", "enum": ["ok", "degraded", "warming", "unavailable"]},
             "database": {"type": "object"},
             "broker": {"type": "object"},
             "worker": {"type": "object"},
