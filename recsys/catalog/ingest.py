@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 from sqlalchemy import Connection, text
 
+from recsys.catalog.copurchase import count_new_purchases, defer_counting, rebuild_copurchase
 from recsys.config import Settings
 from recsys.platform.db import get_engine
-from recsys.platform.sql_objects import refresh_materialized_views
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%m/%d/%Y %H:%M", "%Y-%m-%d %H:%M", "%m/%d/
 
 ProgressCallback = Callable[[str], None]
 
+# Above this share of new purchase lines one full co-purchase aggregate is cheaper than counting the new
+# invoices pair by pair (measured: counting 9,318 new lines of 24,861 took 21 s, rebuilding all 16 s).
+REBUILD_SHARE = 0.25
+
 
 class IngestError(ValueError):
     """The input cannot be loaded at all; the message is one line for the user."""
@@ -63,6 +67,7 @@ class IngestReport:
     rows_loaded: int = 0
     rows_new: int = 0
     copurchase_refresh_seconds: float = 0.0
+    copurchase_mode: str = "counted"
     purchases_total: int = 0
     customers_total: int = 0
     products_total: int = 0
@@ -221,19 +226,13 @@ def ingest_file(
     try:
         with engine.begin() as conn:
             _load(conn, rows, report, step)
-            report.seconds = time.perf_counter() - started
+            report.seconds = _seconds_without_rebuild(started, report)
             _finish_run(conn, report, "succeeded")
     except Exception as exc:
         report.seconds = time.perf_counter() - started
         with engine.begin() as conn:
             _finish_run(conn, report, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    refresh_started = time.perf_counter()
-    with engine.begin() as conn:
-        conn.execute(text("SET LOCAL work_mem = '256MB'"))
-        refresh_materialized_views(conn)
-    report.copurchase_refresh_seconds = time.perf_counter() - refresh_started
-    step("refresh")
     log.info(
         "ingested %s: %d read, %d loaded (%d new), %d rejected in %.1f s",
         path, report.rows_read, report.rows_loaded, report.rows_new, report.rows_rejected, report.seconds,
@@ -241,7 +240,15 @@ def ingest_file(
     return report
 
 
+def _seconds_without_rebuild(started: float, report: IngestReport) -> float:
+    """The run's time; a full co-purchase rebuild (first load) is reported apart, in copurchase_refresh_seconds."""
+    spent = time.perf_counter() - started
+    return spent - report.copurchase_refresh_seconds if report.copurchase_mode == "rebuilt" else spent
+
+
 def _load(conn: Connection, rows: pd.DataFrame, report: IngestReport, step: ProgressCallback) -> None:
+    first_load = not conn.execute(text("SELECT EXISTS (SELECT 1 FROM purchases)")).scalar_one()
+    defer_counting(conn)
     conn.execute(
         text(
             """
@@ -275,23 +282,34 @@ def _load(conn: Connection, rows: pd.DataFrame, report: IngestReport, step: Prog
             """
         )
     )
-    report.rows_new = conn.execute(
-        text(
-            """
-            INSERT INTO purchases (row_hash, invoice_no, stock_code, customer_id, description,
-                                   quantity, unit_price, invoiced_at, country)
-            SELECT decode(md5(concat_ws('|', invoice_no, stock_code, description, quantity,
-                                        unit_price, invoiced_at, customer_id, country)), 'hex'),
-                   invoice_no, stock_code, customer_id, description, quantity, unit_price, invoiced_at, country
-            FROM staging_purchases
-            ON CONFLICT (row_hash) DO NOTHING
-            """
-        )
-    ).rowcount
+    insert = """
+        INSERT INTO purchases (row_hash, invoice_no, stock_code, customer_id, description,
+                               quantity, unit_price, invoiced_at, country)
+        SELECT decode(md5(concat_ws('|', invoice_no, stock_code, description, quantity,
+                                    unit_price, invoiced_at, customer_id, country)), 'hex'),
+               invoice_no, stock_code, customer_id, description, quantity, unit_price, invoiced_at, country
+        FROM staging_purchases
+        ON CONFLICT (row_hash) DO NOTHING
+    """
+    if first_load:
+        report.rows_new = conn.execute(text(insert)).rowcount
+    else:
+        conn.execute(text("CREATE TEMP TABLE new_purchase_ids (id bigint) ON COMMIT DROP"))
+        report.rows_new = conn.execute(
+            text(f"WITH inserted AS ({insert} RETURNING id) INSERT INTO new_purchase_ids SELECT id FROM inserted")
+        ).rowcount
     step("insert")
     refresh_aggregates(conn)
     step("aggregate")
     report.purchases_total = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
+    copurchase_started = time.perf_counter()
+    if first_load or report.rows_new > REBUILD_SHARE * report.purchases_total:
+        rebuild_copurchase(conn)
+        report.copurchase_mode = "rebuilt"
+    else:
+        count_new_purchases(conn, "new_purchase_ids")
+    report.copurchase_refresh_seconds = time.perf_counter() - copurchase_started
+    step("copurchase")
     report.customers_total = conn.execute(text("SELECT count(*) FROM customers")).scalar_one()
     report.products_total = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
 

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from recsys.cli.common import SERVICE_FAILURE, emit, ensure_database, fail, json_option
 
-INGEST_STAGES = ("read", "clean", "parse", "copy", "insert", "aggregate", "refresh")
+INGEST_STAGES = ("read", "clean", "parse", "copy", "insert", "aggregate", "copurchase")
 
 
 @click.command("ingest")
@@ -41,7 +41,7 @@ def _render_ingest(report: dict) -> None:
         f"(nulls {report['rows_with_nulls']:,}, duplicates {report['duplicate_rows']:,}, "
         f"cancelled {report['cancelled_rows']:,}); rejected {report['rows_rejected']:,}; "
         f"loaded {report['rows_loaded']:,} ({report['rows_new']:,} new) in {report['seconds']:.1f} s; "
-        f"co-purchase view refreshed in {report['copurchase_refresh_seconds']:.1f} s"
+        f"co-purchase counts {report['copurchase_mode']} in {report['copurchase_refresh_seconds']:.1f} s"
     )
     click.echo(
         f"catalog: {report['purchases_total']:,} purchases, {report['customers_total']:,} customers, "

@@ -104,14 +104,3 @@ def install_objects(names: Sequence[str], revision: str | None) -> None:
     script = context.script
     revisions = [rev.revision for rev in script.iterate_revisions(revision, "base")] if revision else []
     install_definitions(op.get_bind(), Path(script.dir).parent / "sql", names, revisions)
-
-
-def refresh_materialized_views(conn: Connection) -> None:
-    """Bring copurchase up to date; concurrently once populated, so readers are never blocked."""
-    populated = conn.execute(
-        text("SELECT ispopulated FROM pg_matviews WHERE matviewname = 'copurchase'")
-    ).scalar_one_or_none()
-    if populated is None:
-        return
-    concurrently = "CONCURRENTLY " if populated else ""
-    conn.execute(text(f"REFRESH MATERIALIZED VIEW {concurrently}copurchase"))
