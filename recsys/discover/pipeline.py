@@ -47,6 +47,7 @@ KIND = "discover"
 POOL_PER_IDEA = 25
 SHOWN_PER_GROUP = 3
 MAX_NEW_TOKENS = 96
+NO_REPEAT_NGRAM = 4  # Gemma 3 270M wrote the same idea three times in 6 of 10 answers without it, 0 of 5 with it
 DESCRIPTION_TOKENS = 24
 NEED_TOKENS = 128
 
@@ -110,7 +111,7 @@ def discover_batch(requests: Sequence[DiscoverRequest], settings: Settings, mode
         idea_hits = hits[offset:offset + len(answer.ideas)]
         offset += len(answer.ideas)
         started = time.perf_counter()
-        groups = _group(answer, idea_hits)
+        groups = group_products(answer, idea_hits)
         request_timings = {**timings, "group_ms": _elapsed_ms(started)}
         profile = profiles.get(request.customer_id) if request.customer_id is not None else None
         info = {"prompt_tokens": tokens, "generated_tokens": generation.new_tokens}
@@ -165,12 +166,13 @@ def _generate(loaded, cases: Sequence[DiscoverCase]) -> tuple[list, list[int]]:
 
     sequences = [encode_prompt(loaded, discover_prompt(case), chat=False) for case in cases]
     generations = generate_greedy(
-        loaded, sequences, max_new_tokens=MAX_NEW_TOKENS, stop_after_lines=answer_lines_budget(), stop_loops=True
+        loaded, sequences, max_new_tokens=MAX_NEW_TOKENS, stop_after_lines=answer_lines_budget(), stop_loops=True,
+        no_repeat_ngram_size=NO_REPEAT_NGRAM,
     )
     return generations, [len(sequence) for sequence in sequences]
 
 
-def _group(answer: ParsedIdeas, idea_hits: Sequence[Sequence]) -> list[dict]:
+def group_products(answer: ParsedIdeas, idea_hits: Sequence[Sequence]) -> list[dict]:
     """Each product with the idea it is most similar to; per idea the best SHOWN_PER_GROUP shown, the rest extras."""
     claims = sorted(
         ((hit.score, -index, -rank, index, hit) for index, hits in enumerate(idea_hits)
