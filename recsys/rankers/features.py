@@ -189,19 +189,21 @@ def _number(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def _query_vectors(requests: Sequence[RankRequest], settings: Settings, wanted: Sequence[int]) -> list[str | None]:
-    """pgvector literals of the query embeddings of the `wanted` requests (None elsewhere); repeated
+def _query_vectors(
+    requests: Sequence[RankRequest], settings: Settings, wanted: Sequence[int]
+) -> list[np.ndarray | None]:
+    """The query embeddings of the `wanted` requests (None elsewhere), sent as pgvector values; repeated
     queries come from the encoder's per-process cache, so the pipeline's own encoding is reused."""
-    from recsys.catalog.embedding import encode_queries, vector_literal
+    from recsys.catalog.embedding import encode_queries
 
     queries = list(dict.fromkeys(requests[i].query for i in wanted if requests[i].query))
-    out: list[str | None] = [None] * len(requests)
+    out: list[np.ndarray | None] = [None] * len(requests)
     if not queries:
         return out
     vectors = dict(zip(queries, encode_queries(queries, settings), strict=True))
     for i in wanted:
         if requests[i].query:
-            out[i] = vector_literal(vectors[requests[i].query])
+            out[i] = vectors[requests[i].query]
     return out
 
 
