@@ -131,3 +131,14 @@ def test_health_says_warming_until_the_web_process_is_warm(client, db, monkeypat
     assert health._warm_up_done.wait(120)
     warm = client.get("/api/v1/health")
     assert warm.status_code == 200 and warm.get_json()["status"] in ("ok", "degraded")
+
+
+def test_the_worker_logs_one_line_per_job(loaded_db, start_worker):
+    worker = start_worker(loaded_db, pool="solo")
+    outcome = jobs.submit_recommendation({"customer_id": 15781, "query": "BAG CHARM", "k": 3, "explain": True,
+                                          "ranker": "retrieval"}, loaded_db)
+    assert jobs.wait_for_job(outcome.job_id, loaded_db, timeout=120)["status"] == "succeeded"
+    worker.stop()
+    lines = [line for line in worker.log().splitlines() if str(outcome.job_id) in line]
+    assert len(lines) == 1 and "succeeded: retrieval, 3 items" in lines[0], lines
+    assert "COPPER AND BRASS BAG CHARM" not in worker.log()  # no result dictionaries in the terminal

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 
 from celery import Celery, signals
 from kombu import Queue
@@ -33,6 +34,9 @@ from recsys.platform.broker import (
 )
 
 log = logging.getLogger(__name__)
+
+# transformers logs advice on every generate() call at WARNING; the worker's terminal keeps one line per job.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 HARD_LIMIT_MARGIN = 60
 # Redis redelivers an unacknowledged message after this long; it must exceed the hard time
@@ -85,9 +89,14 @@ _heartbeat: jobs.Heartbeat | None = None
 @signals.after_setup_logger.connect
 @signals.after_setup_task_logger.connect
 def _log_format(logger=None, **_kwargs) -> None:
-    """RECSYS_LOG_FORMAT=json: Celery's own handlers write one JSON object a line."""
+    """RECSYS_LOG_FORMAT=json: Celery's own handlers write one JSON object a line. One line per job."""
     if logger is not None:
         logs.use_format(logger.handlers, settings)
+    # Celery's own "received" and "succeeded in …: <the whole result>" lines; recsys.jobs logs one line per job.
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"transformers\.")
 
 
 @signals.worker_process_init.connect

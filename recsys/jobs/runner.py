@@ -283,7 +283,13 @@ def _record_successes(successes: list[tuple[_Claimed, dict]], worker: str, setti
             ),
             {"rows": dumps(rows), "worker": worker},
         ).scalars().all()
-    return set(ids)
+    stored = set(ids)
+    for job, result in successes:
+        if job.id in stored:  # one line per job: the worker's terminal shows progress, not result dictionaries
+            timings = result.get("timings_ms") or {}
+            log.info("job %s succeeded: %s, %d items in %.0f ms (batch of %s)", job.id, result.get("ranker", "-"),
+                     len(result.get("items") or []), timings.get("total_ms", 0.0), result.get("batch_size", 1))
+    return stored
 
 
 def _record_failure(job: _Claimed, message: str, retryable: bool, worker: str, settings: Settings) -> RunOutcome:
