@@ -86,3 +86,15 @@ def test_a_bulk_embed_builds_the_index_once_and_keeps_it_after_a_failure(db, sam
     assert report.embedded > 0
     assert "vector_cosine_ops" in _index_definition(db)
     assert [hit.stock_code for hit in search("bag charm", 3, db)][0].startswith("90001")
+
+
+def test_migration_0007_stores_the_configured_type_and_its_downgrade_vector(empty_db):
+    halfvec = empty_db.with_(embedding_type="halfvec")
+    migrations.upgrade(halfvec, "0007")  # the migration itself, not the step after head
+    with get_engine(halfvec).connect() as conn:
+        assert index.column_type(conn) == "halfvec"
+    assert "halfvec_cosine_ops" in _index_definition(halfvec)
+    migrations.downgrade(halfvec, "0006")
+    with get_engine(halfvec).connect() as conn:
+        assert index.column_type(conn) == "vector"
+    assert "vector_cosine_ops" in _index_definition(halfvec)
