@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import EXTERNAL, free_port
+from support.waiting import wait_until
 
 from recsys import jobs
 from recsys.cli import cli
@@ -87,26 +88,29 @@ def test_up_stops_what_it_started_or_found_running_from_its_home(tmp_path, sampl
 
     # Postgres left running from this home (as an older up did) is up's own: Ctrl-C stops it with the rest.
     embedded.start_postgres(settings)
-    proc = subprocess.Popen([*recsys, "up", "--data", str(sample_csv)], env=_up_env(home, broker_port, web_port),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = tmp_path / "up.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*recsys, "up", "--data", str(sample_csv)], env=_up_env(home, broker_port, web_port),
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "press Ctrl-C" in line:
-                break
-        assert any(line.startswith("web: http://") for line in lines), "".join(lines)
+        wait_until(lambda: "press Ctrl-C" in log_path.read_text() or proc.poll() is not None, 900,
+                   "recsys up to print its URLs")
+        output = log_path.read_text()
+        assert proc.poll() is None and "web: http://" in output, output[-3000:]
         import requests
 
         health = requests.get(f"http://127.0.0.1:{web_port}/api/v1/health", timeout=10).json()
         assert health["status"] in ("ok", "degraded")  # answering and warm when the URLs are printed
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=120)[0]
+        proc.wait(timeout=120)
+        rest = log_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
-        embedded.stop_broker(settings)
-        embedded.stop_postgres(settings)
+        if embedded.broker_status(settings).running:
+            embedded.stop_broker(settings)
+        if embedded.postgres_status(settings).running:
+            embedded.stop_postgres(settings)
     assert proc.returncode == 0, rest
     assert "stopped broker, postgres" in rest
     assert not embedded.postgres_status(settings).running and not embedded.broker_status(settings).running

@@ -20,7 +20,8 @@ _warm_up_done = threading.Event()
 
 
 def start_warm_up(settings: Settings) -> None:
-    """Load what this web process needs to answer at full speed (the search query encoder), in the background.
+    """Load what this web process needs to answer at full speed (the search query encoder, a database
+    connection), in the background.
 
     gunicorn calls it as each process starts; until it is done /health answers "warming" (503), and a search
     that arrives meanwhile waits for the same load instead of starting its own.
@@ -33,7 +34,10 @@ def start_warm_up(settings: Settings) -> None:
         from recsys.catalog.embedding import prepare_query_encoder
 
         try:
-            log.info("web process warm in %.2f s", prepare_query_encoder(settings))
+            started = time.perf_counter()
+            prepare_query_encoder(settings)
+            check_database(settings)  # the first request also finds a pooled connection
+            log.info("web process warm in %.2f s", time.perf_counter() - started)
         except Exception:
             log.exception("warm-up failed; the first search will load the encoder itself")
         finally:
