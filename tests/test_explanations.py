@@ -136,3 +136,12 @@ def test_query_matching_is_by_words():
     assert matches_query("lanterns", "WHITE METAL LANTERN")
     assert not matches_query("bag charm", "LUNCH BAG RED RETROSPOT")
     assert not matches_query(None, "ANYTHING")
+
+
+def test_the_cli_prints_the_reasons(shop, runner):
+    from recsys.cli import cli
+
+    done = runner.invoke(cli, ["recommend", "--customer", "15781", "--query", "BAG CHARM", "-k", "3",
+                               "--ranker", "copurchase", "--explain"])
+    assert done.exit_code == 0, done.output
+    assert "      - bought together with WHITE LOVEBIRD LANTERN in 3 orders" in done.output

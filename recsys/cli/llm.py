@@ -13,7 +13,8 @@ from recsys.rankers import RANKER_NAMES
 @click.option("--query", default=None, help="What the customer is looking for; omit to use the history alone.")
 @click.option("-k", "k", default=10, show_default=True, type=int, help="How many products.")
 @click.option("--ranker", type=click.Choice(RANKER_NAMES), default=None, help="Ranker (default RECSYS_RANKER).")
-@click.option("--explain", is_flag=True, help="Ask the LLM for a one-line reason per item.")
+@click.option("--explain", is_flag=True,
+              help="Give each item its reasons from the data (and an LLM ranker's own words, labelled).")
 @click.option("--exclude-purchased", is_flag=True, help="Leave out what the customer already bought.")
 @json_option
 def recommend(customer_id, query, k, ranker, explain, exclude_purchased, as_json) -> None:
@@ -42,14 +43,13 @@ def _render(result: dict) -> None:
     click.echo(head)
     for note in result["notes"]:
         click.echo(f"note: {note}")
-    for flag, value in result["flags"].items():
-        if value:
-            click.echo(f"note: model output was {flag}")
     for item in result["items"]:
         score = f"{item['score']:.4f}" if item["score"] is not None else "-"
         click.echo(f"{item['rank']:3}. {item['stock_code']:10} {score:>8}  {item['description']}")
-        if item["explanation"]:
-            click.echo(f"      {item['explanation']}")
+        for reason in item.get("reasons") or []:
+            click.echo(f"      - {reason}")
+        if item.get("model_reason"):
+            click.echo(f"      the model's words: \"{item['model_reason']}\"")
     click.echo("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in result["timings_ms"].items()))
 
 
