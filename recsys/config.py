@@ -56,11 +56,11 @@ class Settings:
     query_dtype: str = "auto"
     ef_search: int = 100
     retrieve_k: int = 100
-    vector_candidates: int = 100
+    vector_candidates: int = 50
     repeat_candidates: int = 50
     copurchase_candidates: int = 50
     popular_candidates: int = 20
-    query_pool: int = 50
+    query_pool: int = 100
     llm_model: str = "packaged:gemma-3-270m"
     model_cache: Path | None = None
     device: str = "auto"
