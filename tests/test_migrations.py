@@ -72,7 +72,7 @@ def test_generated_full_text_column(db):
 
 # ------------------------------------------------ SQL objects: definitions frozen per revision (sql/<revision>/)
 
-SQL_DIR = Path(migrations.PROJECT_ROOT) / "sql"
+SQL_DIR = migrations.SQL_DIR
 OBJECTS_0002 = {"product_popularity", "copurchase", "similar_product", "similar_products", "search_products",
                 "hybrid_search", "customer_history"}
 

@@ -1,4 +1,4 @@
-"""The plain-SQL functions, views and types in `sql/`: installing them from migrations, and refreshing views.
+"""The plain-SQL functions, views and types in `sql/`, installed by migrations.
 
 Definitions are frozen per migration: `sql/<revision>/<object>.sql` is the object as that revision
 made it, and is never edited afterwards. A migration that changes an object adds a new file under
@@ -19,8 +19,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from sqlalchemy import Connection, text
-
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 
 _RELATION_DROPS = {"v": "DROP VIEW", "m": "DROP MATERIALIZED VIEW", "c": "DROP TYPE"}
 
