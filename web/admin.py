@@ -33,6 +33,7 @@ from recsys.catalog import history as customer_histories
 from recsys.catalog import listing, retrieval
 from recsys.evaluation.report import eval_root, latest_report
 from recsys.platform import auth
+from recsys.platform.bodies import MAX_BIGINT
 from recsys.platform.models import JOB_STATUSES
 from recsys.rankers import RANKER_NAMES
 from recsys.recommend.request import MAX_K, RequestError
@@ -40,7 +41,7 @@ from web import health, verdict
 from web.charts import Series, line_chart
 from web.csrf import rotate_csrf_token
 from web.errors import ApiError
-from web.params import MAX_BIGINT, int_arg, str_arg
+from web.params import int_arg, str_arg
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,13 @@ from recsys import feedback as feedback_events
 from recsys import jobs
 from recsys.catalog import history as customer_histories
 from recsys.catalog import listing, retrieval
-from recsys.platform.models import FEEDBACK_EVENTS
-from recsys.recommend.request import MAX_IDEMPOTENCY_KEY, MAX_QUERY_CHARS, RequestError, check_idempotency_key
+from recsys.platform.bodies import MAX_BIGINT
+from recsys.recommend.request import IDEMPOTENCY_KEY, MAX_QUERY_CHARS, RecommendationRequest
 from web import health as health_checks
 from web.errors import ApiError
 from web.metrics import RECOMMENDATIONS
 from web.openapi import (
     CUSTOMER_ID,
-    SCHEMAS,
     STOCK_CODE,
     build_document,
     error_responses,
@@ -24,15 +23,24 @@ from web.openapi import (
     path_param,
     public,
     query_param,
-    ref,
+    request_body,
 )
-from web.params import bad, bool_arg, customer_id_value, int_arg, json_body, str_arg, uuid_value
+from web.params import bad, bool_arg, int_arg, parse_body, str_arg, uuid_value
+from web.responses import (
+    CustomerHistory,
+    Health,
+    Job,
+    Product,
+    SearchResults,
+    SimilarProducts,
+    StoredFeedbackEvent,
+    Submission,
+)
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 MAX_SEARCH_K = 100
 MAX_HISTORY_N = 500
-FEEDBACK_FIELDS = set(SCHEMAS["FeedbackEvent"]["properties"])
 
 
 def settings():
@@ -70,28 +78,22 @@ def _job_json(job: dict) -> dict:
     parameters=[
         {"name": "Idempotency-Key", "in": "header", "required": False,
          "description": "Repeat a submission safely: the same key returns the same job.",
-         "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY}}
+         "schema": IDEMPOTENCY_KEY.json_schema()}
     ],
-    requestBody={"required": True, "content": json_content(ref("RecommendationRequest"))},
+    requestBody=request_body(RecommendationRequest),
     responses={
-        "200": {"description": "Answered from the cache", "content": json_content(ref("Submission"))},
-        "202": {"description": "Enqueued", "content": json_content(ref("Submission")),
+        "200": {"description": "Answered from the cache", "content": json_content(Submission)},
+        "202": {"description": "Enqueued", "content": json_content(Submission),
                 "headers": {"Location": {"schema": {"type": "string"}}}},
         **error_responses(400, 413, 415, 503),
     },
 )
 def create_recommendation():
-    payload = json_body()
-    if payload.get("customer_id") is not None:
-        customer_id_value(payload["customer_id"])
+    asked = parse_body(RecommendationRequest)
     idempotency_key = request.headers.get("Idempotency-Key")
     if idempotency_key is not None:
         idempotency_key = idempotency_key.strip()
-        try:
-            check_idempotency_key(idempotency_key)
-        except RequestError as exc:
-            raise bad(f"Idempotency-Key: {exc}") from None
-    outcome = jobs.submit_recommendation(payload, settings(), idempotency_key=idempotency_key)
+    outcome = jobs.submit_recommendation(asked, settings(), idempotency_key=idempotency_key)
     job_id = str(outcome.job_id) if outcome.job_id else None
     body = {"job_id": job_id, "status": outcome.status, "cached": outcome.cached, "created": outcome.created,
             "status_url": url_for("api.get_job", job_id=job_id) if job_id else None}
@@ -106,7 +108,7 @@ def create_recommendation():
 @operation(
     summary="A job's status, and its result and timings once finished",
     parameters=[path_param("job_id", {"type": "string", "format": "uuid"}, "the id from POST /recommendations")],
-    responses={"200": {"description": "The job", "content": json_content(ref("Job"))}, **error_responses(404)},
+    responses={"200": {"description": "The job", "content": json_content(Job)}, **error_responses(404)},
 )
 def get_job(job_id: str):
     try:
@@ -123,7 +125,7 @@ def get_job(job_id: str):
 @operation(
     summary="One product",
     parameters=[path_param("stock_code", STOCK_CODE, "the product's stock code, e.g. 85123A")],
-    responses={"200": {"description": "The product", "content": json_content(ref("Product"))},
+    responses={"200": {"description": "The product", "content": json_content(Product)},
                **error_responses(404)},
 )
 def get_product(stock_code: str):
@@ -140,7 +142,7 @@ def get_product(stock_code: str):
         path_param("stock_code", STOCK_CODE, "the product's stock code"),
         query_param("k", {"type": "integer", "minimum": 1, "maximum": MAX_SEARCH_K, "default": 10}, "how many"),
     ],
-    responses={"200": {"description": "Nearest products", "content": json_content(ref("Hits"))},
+    responses={"200": {"description": "Nearest products", "content": json_content(SimilarProducts)},
                **error_responses(400, 404)},
 )
 def similar_products(stock_code: str):
@@ -162,13 +164,13 @@ def similar_products(stock_code: str):
                     "leave out what customer_id bought (vector search only)"),
         query_param("hybrid", {"type": "boolean", "default": False}, "fuse full-text and vector ranks"),
     ],
-    responses={"200": {"description": "Matching products", "content": json_content(ref("Hits"))},
+    responses={"200": {"description": "Matching products", "content": json_content(SearchResults)},
                **error_responses(400)},
 )
 def search():
     query = str_arg("q", required=True, max_length=MAX_QUERY_CHARS)
     k = int_arg("k", 10, 1, MAX_SEARCH_K)
-    customer_id = int_arg("customer_id", None, 1, 2**63 - 1)
+    customer_id = int_arg("customer_id", None, 1, MAX_BIGINT)
     exclude = bool_arg("exclude_purchased")
     hybrid = bool_arg("hybrid")
     try:
@@ -189,11 +191,7 @@ def search():
                     "recent first, or the notebook's order (stock codes sorted)"),
     ],
     responses={
-        "200": {"description": "History", "content": json_content({
-            "type": "object",
-            "properties": {"customer_id": {"type": "integer"}, "count": {"type": "integer"},
-                           "items": {"type": "array", "items": ref("HistoryEntry")}},
-        })},
+        "200": {"description": "History", "content": json_content(CustomerHistory)},
         **error_responses(400, 404),
     },
 )
@@ -202,7 +200,7 @@ def customer_history(customer_id: int):
     order = request.args.get("order", "recent")
     if order not in customer_histories.HISTORY_ORDERS:
         raise bad(f"order must be one of {', '.join(customer_histories.HISTORY_ORDERS)}")
-    if customer_id > 2**63 - 1 or listing.customer(customer_id, settings()) is None:
+    if customer_id > MAX_BIGINT or listing.customer(customer_id, settings()) is None:
         raise ApiError(404, "customer_not_found", f"no customer {customer_id}")
     entries = customer_histories.history(customer_id, n, order, settings())
     return jsonify({"customer_id": customer_id, "count": len(entries), "items": [e.as_dict() for e in entries]})
@@ -211,35 +209,14 @@ def customer_history(customer_id: int):
 @bp.post("/feedback")
 @operation(
     summary="Record that a recommended product was shown, clicked or purchased",
-    requestBody={"required": True, "content": json_content(ref("FeedbackEvent"))},
+    requestBody=request_body(feedback_events.FeedbackEvent),
     responses={
-        "201": {"description": "Stored", "content": json_content({"type": "object"})},
+        "201": {"description": "Stored", "content": json_content(StoredFeedbackEvent)},
         **error_responses(400, 413, 415),
     },
 )
 def feedback():
-    body = json_body()
-    unknown = set(body) - FEEDBACK_FIELDS
-    if unknown:
-        raise bad(f"unknown field(s): {', '.join(sorted(unknown))}")
-    event = body.get("event")
-    if event not in FEEDBACK_EVENTS:
-        raise bad(f"event must be one of {', '.join(FEEDBACK_EVENTS)}")
-    stock_code = body.get("stock_code")
-    if not isinstance(stock_code, str) or not 0 < len(stock_code) <= 64:
-        raise bad("stock_code must be a string of 1 to 64 characters")
-    customer_id = body.get("customer_id")
-    if customer_id is not None:
-        customer_id_value(customer_id)
-    job_id = uuid_value(body["job_id"], "job_id") if body.get("job_id") is not None else None
-    position = body.get("position")
-    if position is not None and (isinstance(position, bool) or not isinstance(position, int)
-                                 or not 1 <= position <= 1000):
-        raise bad("position must be an integer between 1 and 1000")
-    if not listing.product_exists(stock_code, settings()):
-        raise bad(f"unknown stock_code {stock_code!r}")
-    stored = feedback_events.record(event, stock_code, settings(), customer_id=customer_id, job_id=job_id,
-                                    position=position)
+    stored = feedback_events.record(parse_body(feedback_events.FeedbackEvent), settings())
     return jsonify(stored), 201
 
 
@@ -248,8 +225,8 @@ def feedback():
 @operation(
     summary="Database, broker and worker status (200 when the database and broker answer, else 503)",
     responses={
-        "200": {"description": "Serving", "content": json_content(ref("Health"))},
-        "503": {"description": "Database or broker down", "content": json_content(ref("Health"))},
+        "200": {"description": "Serving", "content": json_content(Health)},
+        "503": {"description": "Database or broker down", "content": json_content(Health)},
     },
 )
 def health():

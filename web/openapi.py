@@ -1,8 +1,9 @@
-"""The OpenAPI 3 document, assembled from the operations declared next to each route.
+"""The OpenAPI 3.1 document, assembled from the operations declared next to each route.
 
 Each API view carries its own operation object (`@operation(...)`), and the document's paths
 are built from the app's URL map, so a route cannot exist without being documented (a test
-checks both directions).
+checks both directions). Operations name their request and response bodies by model class; the
+component schemas are those models' own JSON schemas (`recsys.platform.bodies`, `web.responses`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import re
 
 from flask import Flask
+from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from recsys.platform.models import FEEDBACK_EVENTS, JOB_STATUSES
-from recsys.recommend.request import MAX_K, MAX_QUERY_CHARS
+from recsys.platform.bodies import CustomerId, StockCode
+from web.responses import Error
 
 API_PREFIX = "/api/v1"
-MAX_BIGINT = 2**63 - 1
+REF_TEMPLATE = "#/components/schemas/{model}"
 
 
 def operation(**spec):
@@ -34,12 +37,14 @@ def public(view):
     return view
 
 
-def ref(name: str) -> dict:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def json_content(schema: dict) -> dict:
+def json_content(schema: dict | type[BaseModel]) -> dict:
+    """A JSON media type: a model (documented as a component) or an inline schema."""
     return {"application/json": {"schema": schema}}
+
+
+def request_body(model: type[BaseModel]) -> dict:
+    """A required JSON request body validated by `model` (see `web.params.parse_body`)."""
+    return {"required": True, "content": json_content(model)}
 
 
 def error_responses(*statuses: int) -> dict:
@@ -51,7 +56,7 @@ def error_responses(*statuses: int) -> dict:
         415: "Body is not JSON",
         503: "A backing service is unavailable",
     }
-    return {str(s): {"description": texts[s], "content": json_content(ref("Error"))} for s in statuses}
+    return {str(s): {"description": texts[s], "content": json_content(Error)} for s in statuses}
 
 
 def query_param(name: str, schema: dict, description: str, required: bool = False) -> dict:
@@ -62,149 +67,37 @@ def path_param(name: str, schema: dict, description: str) -> dict:
     return {"name": name, "in": "path", "required": True, "description": description, "schema": schema}
 
 
-STOCK_CODE = {"type": "string", "minLength": 1, "maxLength": 64}
-CUSTOMER_ID = {"type": "integer", "minimum": 1, "maximum": MAX_BIGINT}
+def _with_refs(node, mode: JsonSchemaMode, models: dict):
+    """`node` with each model class replaced by a reference to its component, collecting the models.
 
-SCHEMAS: dict[str, dict] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-            }
-        },
-    },
-    "RecommendationRequest": {
-        "type": "object",
-        "additionalProperties": False,
-        "description": "A query, a customer_id, or both. Unknown customers are served as a cold start.",
-        "properties": {
-            "customer_id": {**CUSTOMER_ID, "nullable": True},
-            "query": {"type": "string", "maxLength": MAX_QUERY_CHARS, "nullable": True},
-            "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
-            "ranker": {"type": "string", "nullable": True, "description": "ranker name; default RECSYS_RANKER"},
-            "explain": {"type": "boolean", "default": False},
-            "exclude_purchased": {"type": "boolean", "default": False},
-        },
-    },
-    "RecommendationItem": {
-        "type": "object",
-        "properties": {
-            "rank": {"type": "integer"},
-            "stock_code": {"type": "string"},
-            "description": {"type": "string"},
-            "score": {"type": "number", "nullable": True},
-            "retrieval_score": {"type": "number", "nullable": True},
-            "explanation": {"type": "string", "nullable": True},
-        },
-    },
-    "RecommendationResult": {
-        "type": "object",
-        "description": "Everything that explains the answer: request, history, candidates, final order, timings.",
-        "properties": {
-            "customer_id": {"type": "integer", "nullable": True},
-            "query": {"type": "string", "nullable": True},
-            "k": {"type": "integer"},
-            "ranker": {"type": "string"},
-            "model": {"type": "string", "nullable": True},
-            "prompt_version": {"type": "string", "nullable": True},
-            "cold_start": {"type": "boolean"},
-            "notes": {"type": "array", "items": {"type": "string"}},
-            "history": {"type": "array", "items": {"type": "object"}},
-            "candidates": {"type": "array", "items": {"type": "object"}},
-            "items": {"type": "array", "items": ref("RecommendationItem")},
-            "raw_output": {"nullable": True},
-            "flags": {"type": "object"},
-            "timings_ms": {"type": "object", "additionalProperties": {"type": "number"}},
-        },
-    },
-    "Submission": {
-        "type": "object",
-        "required": ["status", "cached"],
-        "properties": {
-            "job_id": {"type": "string", "format": "uuid", "nullable": True},
-            "status": {"type": "string", "enum": list(JOB_STATUSES)},
-            "cached": {"type": "boolean"},
-            "created": {"type": "boolean"},
-            "status_url": {"type": "string", "nullable": True},
-            "result": {**ref("RecommendationResult"), "nullable": True},
-        },
-    },
-    "Job": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string", "format": "uuid"},
-            "kind": {"type": "string"},
-            "status": {"type": "string", "enum": list(JOB_STATUSES)},
-            "request": {"type": "object"},
-            "result": {**ref("RecommendationResult"), "nullable": True},
-            "error": {"type": "string", "nullable": True},
-            "attempts": {"type": "integer"},
-            "timings": {"type": "object", "nullable": True},
-            "worker": {"type": "string", "nullable": True},
-        },
-    },
-    "Product": {
-        "type": "object",
-        "properties": {
-            "stock_code": {"type": "string"},
-            "description": {"type": "string"},
-            "price": {"type": "number", "nullable": True},
-            "purchase_count": {"type": "integer"},
-            "quantity_total": {"type": "integer"},
-            "customer_count": {"type": "integer"},
-            "is_non_product": {"type": "boolean"},
-            "embedded": {"type": "boolean"},
-            "embedding_model": {"type": "string", "nullable": True},
-        },
-    },
-    "Hit": {
-        "type": "object",
-        "properties": {
-            "stock_code": {"type": "string"},
-            "description": {"type": "string"},
-            "score": {"type": "number"},
-        },
-    },
-    "Hits": {
-        "type": "object",
-        "properties": {"count": {"type": "integer"}, "items": {"type": "array", "items": ref("Hit")}},
-    },
-    "HistoryEntry": {
-        "type": "object",
-        "properties": {
-            "stock_code": {"type": "string"},
-            "description": {"type": "string"},
-            "last_purchased_at": {"type": "string"},
-            "quantity": {"type": "integer"},
-            "times_bought": {"type": "integer"},
-        },
-    },
-    "FeedbackEvent": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["event", "stock_code"],
-        "properties": {
-            "event": {"type": "string", "enum": list(FEEDBACK_EVENTS)},
-            "stock_code": STOCK_CODE,
-            "customer_id": {**CUSTOMER_ID, "nullable": True},
-            "job_id": {"type": "string", "format": "uuid", "nullable": True},
-            "position": {"type": "integer", "minimum": 1, "maximum": 1000, "nullable": True},
-        },
-    },
-    "Health": {
-        "type": "object",
-        "properties": {
-            "status": {"type": "string", "enum": ["ok", "degraded", "warming", "unavailable"]},
-            "database": {"type": "object"},
-            "broker": {"type": "object"},
-            "worker": {"type": "object"},
-        },
-    },
-}
+    Under a requestBody a model is documented as it validates input, elsewhere as it serializes.
+    """
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        models[(node, mode)] = None
+        return {"$ref": REF_TEMPLATE.format(model=node.__name__)}
+    if isinstance(node, dict):
+        return {key: _with_refs(value, "validation" if key == "requestBody" else mode, models)
+                for key, value in node.items()}
+    if isinstance(node, list):
+        return [_with_refs(value, mode, models) for value in node]
+    return node
+
+
+def component_schemas(models: dict) -> dict[str, dict]:
+    """The component schemas of the referenced models and the models they contain, from pydantic.
+
+    A model whose input and output schemas differ would get two components ("-Input", "-Output")
+    that the references do not name; that is refused here rather than documented wrongly.
+    """
+    refs, document = models_json_schema(list(models), ref_template=REF_TEMPLATE)
+    for (model, _mode), schema in refs.items():
+        if schema["$ref"] != REF_TEMPLATE.format(model=model.__name__):
+            raise ValueError(f"{model.__name__} has different input and output schemas; give each its own model")
+    return dict(sorted(document.get("$defs", {}).items()))
+
+
+STOCK_CODE = TypeAdapter(StockCode).json_schema()
+CUSTOMER_ID = TypeAdapter(CustomerId).json_schema()
 
 _CONVERTER = re.compile(r"<(?:[a-z_]+:)?([a-z_]+)>")
 
@@ -227,6 +120,7 @@ def api_routes(app: Flask) -> list[tuple[str, str, str]]:
 
 def build_document(app: Flask) -> dict:
     paths: dict[str, dict] = {}
+    models: dict[tuple[type[BaseModel], JsonSchemaMode], None] = {}
     for path, method, endpoint in api_routes(app):
         view = app.view_functions[endpoint]
         spec = getattr(view, "openapi", None)
@@ -237,9 +131,9 @@ def build_document(app: Flask) -> dict:
             op["security"] = []
         else:
             op.setdefault("responses", {}).setdefault("401", error_responses(401)["401"])
-        paths.setdefault(path, {})[method] = op
+        paths.setdefault(path, {})[method] = _with_refs(op, "serialization", models)
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "recsys API",
             "version": "1.0.0",
@@ -253,7 +147,7 @@ def build_document(app: Flask) -> dict:
         "security": [{"bearerAuth": []}],
         "paths": dict(sorted(paths.items())),
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": component_schemas(models),
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
         },
     }

@@ -4,28 +4,21 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import TypeVar
 
 from flask import request
+from pydantic import ValidationError
 
+from recsys.platform.bodies import Body, describe
 from web.errors import ApiError
 
-MAX_BIGINT = 2**63 - 1
+B = TypeVar("B", bound=Body)
 TRUE = {"1", "true", "yes", "on"}
 FALSE = {"0", "false", "no", "off", ""}
 
 
 def bad(message: str) -> ApiError:
     return ApiError(400, "invalid_request", message)
-
-
-def _has_nul(value) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
 
 
 def int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
@@ -67,14 +60,6 @@ def str_arg(name: str, *, required: bool = False, max_length: int = 500) -> str 
     return value
 
 
-def customer_id_value(value, name: str = "customer_id") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad(f"{name} must be an integer")
-    if not 1 <= value <= MAX_BIGINT:
-        raise bad(f"{name} must be between 1 and {MAX_BIGINT}")
-    return value
-
-
 def uuid_value(value, name: str) -> uuid.UUID:
     if not isinstance(value, str):
         raise bad(f"{name} must be a UUID string")
@@ -84,20 +69,20 @@ def uuid_value(value, name: str) -> uuid.UUID:
         raise bad(f"{name} must be a UUID, got {value[:40]!r}") from None
 
 
-def json_body() -> dict:
-    """The request's JSON object; 415 when it is not JSON, 400 when it does not parse or is not an object."""
+def json_body():
+    """The request's parsed JSON; 415 when it is not JSON, 400 when it does not parse."""
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send the body as JSON with Content-Type: application/json")
     try:
-        data = json.loads(request.get_data(cache=True))
+        return json.loads(request.get_data(cache=True))
     except (ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise bad("the body must be a JSON object")
+
+
+def parse_body(model: type[B]) -> B:
+    """The JSON body validated as `model`; a 400 whose message names each bad field and its rule."""
+    data = json_body()
     try:
-        has_nul = _has_nul(data)
-    except RecursionError:
-        raise bad("the body is nested too deeply") from None
-    if has_nul:
-        raise bad("strings in the body must not contain NUL characters")
-    return data
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise bad(describe(exc, model.model_json_schema)) from None

@@ -22,10 +22,11 @@ def recommend(customer_id, query, k, ranker, explain, exclude_purchased, as_json
     from recsys.recommend.pipeline import recommend as run_pipeline
     from recsys.recommend.request import RecommendationRequest, RequestError
 
-    request = RecommendationRequest(customer_id, query.strip() if query and query.strip() else None, k, ranker,
-                                    explain, exclude_purchased)
     try:
-        request.validate()
+        request = RecommendationRequest.from_dict({
+            "customer_id": customer_id, "query": query, "k": k, "ranker": ranker, "explain": explain,
+            "exclude_purchased": exclude_purchased,
+        })
     except RequestError as exc:
         fail(str(exc))
     settings = ensure_database()

@@ -110,8 +110,6 @@ def recommend_batch(
     `ranker` overrides the registry (the evaluation and tests pass their own).
     """
     requests = [r.with_defaults(settings) for r in requests]
-    for request in requests:
-        request.validate()
     groups: dict[str, list[int]] = {}
     for index, request in enumerate(requests):
         groups.setdefault(request.ranker, []).append(index)

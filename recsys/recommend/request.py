@@ -1,14 +1,26 @@
 """A recommendation request: its fields, limits and validation, in one place.
 
-The API, the CLI, the Celery `recsys.submit` task and the worker all build requests through
-`RecommendationRequest.from_dict`, so a request is checked by the same rules wherever it enters.
+`RecommendationRequest` is the API's request body and the request the CLI, the Celery `recsys.submit`
+task and the worker build (through `from_dict`), so a request is checked by the same rules wherever
+it enters, and the OpenAPI schema is generated from the same class.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from recsys.config import Settings
+from recsys.platform.bodies import Body, CustomerId, RequestError, describe
 from recsys.rankers import RANKER_NAMES
 
 MAX_K = 50
@@ -16,83 +28,61 @@ MAX_QUERY_CHARS = 500
 MAX_IDEMPOTENCY_KEY = 200
 
 
-class RequestError(ValueError):
-    """A request that cannot be served as given; the message says why, for the client."""
+class RecommendationRequest(Body):
+    """A query, a customer_id, or both. Unknown customers are served as a cold start."""
 
+    customer_id: CustomerId | None = None
+    query: Annotated[str, StringConstraints(strip_whitespace=True, max_length=MAX_QUERY_CHARS)] | None = Field(
+        None, description="what the customer is looking for; blank counts as none")
+    k: int = Field(10, ge=1, le=MAX_K, description="how many products")
+    ranker: Literal[RANKER_NAMES] | None = Field(None, description="ranker name; default RECSYS_RANKER")
+    explain: bool = Field(False, description="give each item the reasons for its place")
+    exclude_purchased: bool = Field(False, description="leave out what customer_id bought")
 
-@dataclass(frozen=True)
-class RecommendationRequest:
-    customer_id: int | None
-    query: str | None = None
-    k: int = 10
-    ranker: str | None = None
-    explain: bool = False
-    exclude_purchased: bool = False
+    def __init__(self, *args, **fields) -> None:
+        """Fields by keyword, or by position in declaration order (short requests in tests and scripts)."""
+        super().__init__(**dict(zip(type(self).model_fields, args, strict=False)), **fields)
 
+    @field_validator("query")
     @classmethod
-    def from_dict(cls, data: dict) -> RecommendationRequest:
-        """Build and validate from JSON-like input; wrong types become RequestError."""
-        if not isinstance(data, dict):
-            raise RequestError("the request must be a JSON object")
-        unknown = set(data) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise RequestError(f"unknown field(s): {', '.join(sorted(unknown))}")
-        customer_id = data.get("customer_id")
-        if customer_id is not None and (isinstance(customer_id, bool) or not isinstance(customer_id, int)):
-            raise RequestError("customer_id must be an integer")
-        query = data.get("query")
-        if query is not None and not isinstance(query, str):
-            raise RequestError("query must be a string")
-        k = data.get("k", 10)
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise RequestError("k must be an integer")
-        ranker = data.get("ranker")
-        if ranker is not None and not isinstance(ranker, str):
-            raise RequestError("ranker must be a string")
-        for flag in ("explain", "exclude_purchased"):
-            if not isinstance(data.get(flag, False), bool):
-                raise RequestError(f"{flag} must be true or false")
-        request = cls(
-            customer_id=customer_id,
-            query=query.strip() if query and query.strip() else None,
-            k=k,
-            ranker=ranker,
-            explain=data.get("explain", False),
-            exclude_purchased=data.get("exclude_purchased", False),
-        )
-        request.validate()
-        return request
+    def _blank_query_is_none(cls, query: str | None) -> str | None:
+        return query or None
 
-    def validate(self) -> None:
-        if not 1 <= self.k <= MAX_K:
-            raise RequestError(f"k must be between 1 and {MAX_K}, got {self.k}")
+    @model_validator(mode="after")
+    def _servable(self) -> RecommendationRequest:
         if self.customer_id is None and not self.query:
-            raise RequestError("a request needs a query, a customer_id, or both")
-        if self.customer_id is not None and self.customer_id <= 0:
-            raise RequestError("customer_id must be a positive integer")
-        if self.query and len(self.query) > MAX_QUERY_CHARS:
-            raise RequestError(f"query is longer than {MAX_QUERY_CHARS} characters")
-        if self.ranker is not None and self.ranker not in RANKER_NAMES:
-            raise RequestError(f"unknown ranker {self.ranker!r}; choose one of {', '.join(RANKER_NAMES)}")
+            raise ValueError("a request needs a query, a customer_id, or both")
         if self.exclude_purchased and self.customer_id is None:
-            raise RequestError("exclude_purchased needs a customer_id")
+            raise ValueError("exclude_purchased needs a customer_id")
+        return self
 
     def with_defaults(self, settings: Settings) -> RecommendationRequest:
         """The same request with the ranker filled in from settings, so it can be cached and replayed."""
-        if self.ranker:
-            return self
-        return RecommendationRequest(**{**asdict(self), "ranker": settings.ranker})
+        return self if self.ranker else self.model_copy(update={"ranker": settings.ranker})
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
+
+def _has_text(key: str) -> str:
+    if not key.strip():
+        raise ValueError("idempotency key must not be blank")
+    if "\x00" in key:
+        raise ValueError("idempotency key must not contain NUL characters")
+    return key
+
+
+IDEMPOTENCY_KEY = TypeAdapter(
+    Annotated[str, StringConstraints(min_length=1, max_length=MAX_IDEMPOTENCY_KEY), AfterValidator(_has_text)],
+    config={"strict": True},
+)
 
 
 def check_idempotency_key(key: str | None) -> None:
-    """An idempotency key, when given, is a non-empty string of at most MAX_IDEMPOTENCY_KEY characters."""
+    """An idempotency key, when given, is a non-blank string of at most MAX_IDEMPOTENCY_KEY characters."""
     if key is None:
         return
-    if not isinstance(key, str) or not key.strip() or "\x00" in key:
-        raise RequestError("idempotency key must be a non-empty string without NUL characters")
-    if len(key) > MAX_IDEMPOTENCY_KEY:
-        raise RequestError(f"idempotency key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+    try:
+        IDEMPOTENCY_KEY.validate_python(key)
+    except ValidationError as exc:
+        raise RequestError(describe(exc, IDEMPOTENCY_KEY.json_schema, "idempotency key")) from None
