@@ -146,3 +146,34 @@ def test_the_worker_logs_one_line_per_job(loaded_db, start_worker):
     lines = [line for line in worker.log().splitlines() if str(outcome.job_id) in line]
     assert len(lines) == 1 and "succeeded: retrieval, 3 items" in lines[0], lines
     assert "COPPER AND BRASS BAG CHARM" not in worker.log()  # no result dictionaries in the terminal
+
+
+def test_an_ingest_that_adds_nothing_changes_nothing(loaded_db, sample_csv, tmp_path, runner):
+    from sqlalchemy import text
+
+    from recsys.catalog.ingest import ingest_file
+    from recsys.platform.db import get_engine
+    from recsys.recommend.cache import fingerprints
+
+    engine = get_engine(loaded_db)
+    with engine.connect() as conn:
+        version = fingerprints(conn, 15781)
+    header, *rows = sample_csv.read_text().splitlines()
+    shuffled = tmp_path / "same-rows.csv"  # the same purchases, other bytes
+    shuffled.write_text("\n".join([header, *reversed(rows)]) + "\n")
+    report = ingest_file(shuffled, loaded_db)
+    assert report.rows_new == 0 and report.copurchase_mode == "unchanged"
+    with engine.connect() as conn:
+        assert fingerprints(conn, 15781) == version
+        assert conn.execute(text("SELECT status FROM ingest_runs ORDER BY id DESC LIMIT 1")).scalar_one() == "unchanged"
+
+    rejected = tmp_path / "all-bad.csv"
+    rejected.write_text(header + "\n536400,71053,WHITE METAL LANTERN,six,2010-12-01 08:26:00,3.39,17850,UK\n"
+                        "536401,22224,WHITE LOVEBIRD LANTERN,2,yesterday,2.95,17850,UK\n")
+    with engine.connect() as conn:
+        runs = conn.execute(text("SELECT count(*) FROM ingest_runs")).scalar_one()
+    done = runner.invoke(cli, ["ingest", str(rejected)])
+    assert done.exit_code == 2 and "all 2 rows left after cleaning were rejected" in done.output
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM ingest_runs")).scalar_one() == runs
+        assert fingerprints(conn, 15781) == version

@@ -228,6 +228,12 @@ def ingest_file(
     step("clean")
     rows = parse(cleaned, report)
     step("parse")
+    if rows.empty and report.rows_rejected:
+        example = report.rejected_examples[0] if report.rejected_examples else {}
+        raise IngestError(
+            f"all {report.rows_rejected:,} rows left after cleaning were rejected (first: {example}); "
+            "nothing was loaded or recorded"
+        )
 
     with engine.begin() as conn:
         report.run_id = conn.execute(
@@ -238,7 +244,8 @@ def ingest_file(
         with engine.begin() as conn:
             _load(conn, rows, report, step)
             report.seconds = _seconds_without_rebuild(started, report)
-            _finish_run(conn, report, "succeeded")
+            # A run that adds no purchase leaves the catalog version (latest succeeded run) and the cache as they were.
+            _finish_run(conn, report, "succeeded" if report.rows_new else "unchanged")
     except Exception as exc:
         report.seconds = time.perf_counter() - started
         with engine.begin() as conn:
@@ -356,6 +363,12 @@ def _load(conn: Connection, rows: pd.DataFrame, report: IngestReport, step: Prog
             text(f"WITH inserted AS ({insert} RETURNING id) INSERT INTO new_purchase_ids SELECT id FROM inserted")
         ).rowcount
     step("insert")
+    if not report.rows_new:  # nothing new: aggregates and co-purchase counts stay as they are
+        report.copurchase_mode = "unchanged"
+        report.purchases_total = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
+        report.customers_total = conn.execute(text("SELECT count(*) FROM customers")).scalar_one()
+        report.products_total = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
+        return
     refresh_aggregates(conn)
     step("aggregate")
     report.purchases_total = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
