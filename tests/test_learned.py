@@ -127,6 +127,25 @@ def test_training_learns_the_deciding_feature_and_beats_retrieval(shop, tmp_path
     assert learned >= 0.8 and learned > retrieval + 0.3, (learned, retrieval)
 
 
+@pytest.mark.slow
+def test_learned_llm_trains_with_the_llm_score_of_the_window_and_ranks(shop, tmp_path, tiny_llm):
+    from recsys.rankers.features import LLM_FEATURE
+
+    settings, rows, _ = shop
+    settings = settings.with_(max_candidates=5)
+    inner = _inner_snapshot(settings, rows, tmp_path).with_(max_candidates=5)
+    metadata = train_ranker(settings, variant="learned-llm", cutoff=CUTOFF, feature_settings=inner,
+                            max_examples=40, llm_model=tiny_llm)
+    assert metadata["features"][-1] == LLM_FEATURE and metadata["llm"]["scorer"] == "llm-likelihood"
+    assert metadata["data"]["examples"] == {"next": 40, "query": 40}
+    ranker = LearnedRanker(settings, "learned-llm", llm_model=tiny_llm)
+    candidates = [Candidate(code, description, 0.5) for code, description in _products()[:12]]
+    [result] = ranker.rank([RankRequest(candidates=candidates, history=[HistoryItem(*_products()[0])],
+                                        customer_id=TRAIN_CUSTOMERS[0])])
+    assert sorted(result.order) == sorted(c.stock_code for c in candidates)
+    assert result.info["model_version"] == read_model(model_path(settings, "learned-llm"), "learned-llm").version
+
+
 def _tiny_booster(names, seed=0) -> lightgbm.Booster:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(200, len(names)))
@@ -273,3 +292,16 @@ def test_the_api_answers_400_naming_the_command_when_no_model_is_trained(db, bro
     assert "recsys train ranker" in response.get_json()["error"]["message"]
     with get_engine(db).connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 0
+
+
+def test_the_evaluation_reuses_a_model_trained_for_its_cutoff(tmp_path):
+    from recsys.config import Settings
+    from recsys.rankers.training import model_for_cutoff
+
+    settings = Settings(home=tmp_path)
+    scoped_cache = tmp_path / "eval" / "models" / "cutoff-20111101-000000"
+    write_model(scoped_cache / "rankers" / "learned.json", _tiny_booster(FEATURES),
+                {"variant": "learned", "features": list(FEATURES), "cutoff": "2011-11-01 00:00:00"})
+    scoped = model_for_cutoff(settings, "2011-11-01")
+    assert scoped.models_dir == scoped_cache
+    assert read_model(model_path(scoped, "learned"), "learned").metadata["cutoff"] == "2011-11-01 00:00:00"
