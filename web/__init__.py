@@ -39,7 +39,7 @@ class JSONProvider(DefaultJSONProvider):
 def create_app(settings: Settings | None = None, config: dict | None = None) -> Flask:
     """Build the app for these settings (default: the environment's); `config` overrides Flask config keys."""
     settings = settings or get_settings()
-    from web import admin, api
+    from web import admin, admin_discover, api
     from web.csrf import init_csrf
     from web.errors import register_error_handlers
     from web.metrics import init_metrics
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None, config: dict | None = None) -> 
     init_csrf(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(admin_discover.bp)
 
     @app.after_request
     def security_headers(response):

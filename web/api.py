@@ -8,6 +8,7 @@ from recsys import feedback as feedback_events
 from recsys import jobs
 from recsys.catalog import history as customer_histories
 from recsys.catalog import listing, retrieval
+from recsys.discover.request import DiscoverRequest
 from recsys.platform.bodies import MAX_BIGINT
 from recsys.recommend.request import IDEMPOTENCY_KEY, MAX_QUERY_CHARS, RecommendationRequest
 from web import health as health_checks
@@ -28,6 +29,7 @@ from web.openapi import (
 from web.params import bad, bool_arg, int_arg, parse_body, str_arg, uuid_value
 from web.responses import (
     CustomerHistory,
+    DiscoverSubmission,
     Health,
     Job,
     Product,
@@ -101,6 +103,41 @@ def create_recommendation():
         RECOMMENDATIONS.labels("cached" if outcome.cached else "finished").inc()
         return jsonify({**body, "result": outcome.result}), 200
     RECOMMENDATIONS.labels("enqueued").inc()
+    return jsonify(body), 202, {"Location": body["status_url"]}
+
+
+@bp.post("/discover")
+@operation(
+    summary="Discover products for a need in plain words",
+    description=(
+        "The LLM turns the need (and the customer's country and recent purchases, when the customer is known) "
+        "into 3–5 product ideas; each is searched in the catalog, and the result groups real products by idea "
+        "(3 shown, the rest kept as extras that replace a product reported purchased). Answers 200 with the "
+        "result when the same request was answered before, else 202 with the job to poll at status_url."
+    ),
+    parameters=[
+        {"name": "Idempotency-Key", "in": "header", "required": False,
+         "description": "Repeat a submission safely: the same key returns the same job.",
+         "schema": IDEMPOTENCY_KEY.json_schema()}
+    ],
+    requestBody=request_body(DiscoverRequest),
+    responses={
+        "200": {"description": "Answered from the cache", "content": json_content(DiscoverSubmission)},
+        "202": {"description": "Enqueued", "content": json_content(DiscoverSubmission),
+                "headers": {"Location": {"schema": {"type": "string"}}}},
+        **error_responses(400, 413, 415, 503),
+    },
+)
+def create_discover():
+    asked = parse_body(DiscoverRequest)
+    idempotency_key = request.headers.get("Idempotency-Key")
+    outcome = jobs.submit_discover(asked, settings(),
+                                   idempotency_key=idempotency_key.strip() if idempotency_key is not None else None)
+    job_id = str(outcome.job_id) if outcome.job_id else None
+    body = {"job_id": job_id, "status": outcome.status, "cached": outcome.cached, "created": outcome.created,
+            "status_url": url_for("api.get_job", job_id=job_id) if job_id else None}
+    if outcome.result is not None:
+        return jsonify({**body, "result": outcome.result}), 200
     return jsonify(body), 202, {"Location": body["status_url"]}
 
 
@@ -208,16 +245,35 @@ def customer_history(customer_id: int):
 
 @bp.post("/feedback")
 @operation(
-    summary="Record that a recommended product was shown, clicked or purchased",
+    summary="Record that a product was shown, clicked or purchased, and act on it",
+    description=(
+        "With job_id, the product must be one that job's result showed, and customer_id (if given) the job's "
+        "customer. `purchased` records a purchase for the customer (their history and cache key change); on a "
+        "discover result the product's group replaces it with its first extra, and `replacement` says which. "
+        "A repeated Idempotency-Key records nothing and answers 200 with the first answer."
+    ),
+    parameters=[
+        {"name": "Idempotency-Key", "in": "header", "required": False,
+         "description": "Report an event safely more than once: it is recorded once.",
+         "schema": IDEMPOTENCY_KEY.json_schema()}
+    ],
     requestBody=request_body(feedback_events.FeedbackEvent),
     responses={
-        "201": {"description": "Stored", "content": json_content(StoredFeedbackEvent)},
-        **error_responses(400, 413, 415),
+        "200": {"description": "Recorded before under this Idempotency-Key",
+                "content": json_content(StoredFeedbackEvent)},
+        "201": {"description": "Recorded (and acted on)", "content": json_content(StoredFeedbackEvent)},
+        **error_responses(400, 404, 409, 413, 415),
     },
 )
 def feedback():
-    stored = feedback_events.record(parse_body(feedback_events.FeedbackEvent), settings())
-    return jsonify(stored), 201
+    event = parse_body(feedback_events.FeedbackEvent)
+    idempotency_key = request.headers.get("Idempotency-Key")
+    try:
+        stored = feedback_events.record(event, settings(),
+                                        idempotency_key=idempotency_key.strip() if idempotency_key else None)
+    except feedback_events.FeedbackRejected as exc:
+        raise ApiError(exc.status, exc.code, str(exc)) from None
+    return jsonify(stored), 201 if stored["created"] else 200
 
 
 @bp.get("/health")

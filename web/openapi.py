@@ -52,6 +52,7 @@ def error_responses(*statuses: int) -> dict:
         400: "Bad input: malformed JSON, a wrong type, or a value out of range",
         401: "Missing, unknown or revoked API key",
         404: "Not found",
+        409: "Conflicts with what is recorded (another customer's job, already purchased, a reused key)",
         413: "Request body too large",
         415: "Body is not JSON",
         503: "A backing service is unavailable",

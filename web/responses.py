@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from recsys.discover.request import DiscoverRequest
 from recsys.feedback import FeedbackEvent
 from recsys.platform.models import JobStatus
 from recsys.recommend.request import RecommendationRequest
@@ -100,7 +101,7 @@ class Job(BaseModel):
     kind: str
     status: JobStatus
     request: dict[str, Any] = Field(description="the request as stored")
-    result: RecommendationResult | None = Field(None, description="once succeeded")
+    result: RecommendationResult | DiscoverResult | None = Field(None, description="once succeeded")
     error: str | None
     attempts: int
     worker: str | None
@@ -161,6 +162,68 @@ class SearchResults(BaseModel):
     items: list[Hit]
 
 
+class DiscoverIdea(BaseModel):
+    category: str
+    description: str = Field(description="an imagined product, in the catalog's style; searched for in the catalog")
+
+
+class DiscoverItem(ProductRef):
+    score: float = Field(description="cosine similarity to its idea")
+
+
+class ReplacedItem(ProductRef):
+    replaced_by: str | None = Field(description="the extra that took its place; none when the group had none left")
+    feedback_event_id: int
+
+
+class DiscoverGroup(BaseModel):
+    idea: DiscoverIdea
+    items: list[DiscoverItem] = Field(description="shown: the best 3 not shown under another idea")
+    extras: list[DiscoverItem] = Field(description="in reserve, best first: the next replaces a purchased item")
+    replaced: list[ReplacedItem] = Field(description="items reported purchased, and what replaced each")
+
+
+class DiscoverProfile(BaseModel):
+    known: bool = Field(description="false: no customer, or one the shop does not know (no profile in the prompt)")
+    country: str | None
+    recent_purchases: list[ProductRef]
+
+
+class DiscoverResult(BaseModel):
+    """Products for a need, grouped by the LLM's ideas; every product comes from the catalog search."""
+
+    kind: Literal["discover"]
+    request: DiscoverRequest
+    customer_id: int | None
+    need: str
+    profile: DiscoverProfile
+    summary: str
+    groups: list[DiscoverGroup]
+    raw_output: str = Field(description="the model's answer as generated")
+    flags: dict[str, bool] = Field(description="fallback: no usable idea, the need itself was searched; "
+                                               "repaired; unknown_customer; profile_free; summary_missing")
+    problems: list[str] = Field(description="what the parser had to forgive")
+    notes: list[str]
+    model: str
+    prompt_version: str
+    embedding_model: str
+    info: dict[str, Any]
+    batch_size: int
+    timings_ms: dict[str, float] = Field(description="per stage, per request: profile, generate, parse, embed, "
+                                                      "search, group, total")
+
+
+class DiscoverSubmission(BaseModel):
+    """The answer to POST /discover: a job to poll (202), or the result itself (200)."""
+
+    job_id: uuid.UUID | None
+    status: JobStatus
+    cached: bool
+    created: bool = Field(description="false when an Idempotency-Key found an earlier job")
+    status_url: str | None
+    result: DiscoverResult | None = None
+
+
 class HistoryEntry(ProductRef):
     last_purchased_at: str
     quantity: int
@@ -173,9 +236,26 @@ class CustomerHistory(BaseModel):
     items: list[HistoryEntry]
 
 
+class FeedbackPurchase(BaseModel):
+    id: int
+    invoice_no: str = Field(description="FB<event id>: a purchase row marked as coming from feedback")
+    invoiced_at: str
+
+
+class FeedbackReplacement(BaseModel):
+    group: int = Field(description="index of the discover group")
+    idea: DiscoverIdea
+    replaced: DiscoverItem
+    by: DiscoverItem | None = Field(description="the group's first extra, now shown in its place")
+
+
 class StoredFeedbackEvent(FeedbackEvent):
-    """A feedback event as stored."""
+    """A feedback event as stored, and what it did."""
 
     model_config = ConfigDict(strict=False)  # a reply's JSON carries dates and ids as strings
     id: int
     created_at: datetime
+    created: bool = Field(description="false: this Idempotency-Key was recorded before; this is its first answer")
+    purchase: FeedbackPurchase | None = Field(description="the purchase row a `purchased` event recorded")
+    replacement: FeedbackReplacement | None = Field(
+        description="on a discover result, the extra that replaced the purchased product")

@@ -72,9 +72,8 @@ def discover(request: DiscoverRequest, settings: Settings, model=None) -> dict:
 
 
 def discover_batch(requests: Sequence[DiscoverRequest], settings: Settings, model=None) -> list[dict]:
-    """Grouped discover results, one per request, in input order. `model` overrides the configured LLM."""
-    for request in requests:
-        request.validate()
+    """Grouped discover results, one per request (validated when built), in input order. `model` overrides the
+    configured LLM."""
     if not requests:
         return []
     count = len(requests)
