@@ -7,7 +7,6 @@ instead. Vectors are L2-normalized, so cosine distance in pgvector is 1 - dot pr
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -171,11 +170,6 @@ def prepare_query_encoder(settings: Settings) -> float:
     return time.perf_counter() - started
 
 
-def vector_literal(vector: Sequence[float]) -> str:
-    """pgvector's text form, for parameters and COPY."""
-    return "[" + ",".join(f"{float(x):.7g}" for x in vector) + "]"
-
-
 # products embedded in one run from which the HNSW index is built once afterwards (below this, rows
 # go into the existing graph one by one)
 BULK_INDEX_REBUILD = 20_000
@@ -255,12 +249,11 @@ def _embedded_count(engine) -> int:
 def _store(engine, codes: Sequence[str], vectors: np.ndarray, model_name: str) -> None:
     with engine.begin() as conn:
         conn.execute(text("CREATE TEMP TABLE staging_embeddings (stock_code text, embedding vector) ON COMMIT DROP"))
-        buffer = io.StringIO()
-        for code, vector in zip(codes, vectors, strict=True):
-            buffer.write(f"{_csv_field(code)},\"{vector_literal(vector)}\"\n")
         raw = conn.connection.driver_connection
-        with raw.cursor() as cur, cur.copy("COPY staging_embeddings FROM STDIN WITH (FORMAT csv)") as copy:
-            copy.write(buffer.getvalue())
+        with raw.cursor() as cur, cur.copy("COPY staging_embeddings FROM STDIN WITH (FORMAT binary)") as copy:
+            copy.set_types(["text", "vector"])
+            for code, vector in zip(codes, vectors, strict=True):
+                copy.write_row((code, vector))
         conn.execute(
             text(
                 "UPDATE products p SET embedding = s.embedding, embedding_model = :model, embedded_at = now() "
@@ -268,7 +261,3 @@ def _store(engine, codes: Sequence[str], vectors: np.ndarray, model_name: str) -
             ),
             {"model": model_name},
         )
-
-
-def _csv_field(value: str) -> str:
-    return '"' + value.replace('"', '""') + '"'
