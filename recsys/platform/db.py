@@ -57,8 +57,8 @@ def get_autocommit_engine(settings: Settings) -> Engine:
     """`get_engine`'s pool in autocommit mode, for a read that is one statement.
 
     A pooled read otherwise makes four round trips: the check-out ping, BEGIN, the query and the
-    ROLLBACK on return; in autocommit the BEGIN and ROLLBACK are not sent. On two loaded cores that
-    halved the wall time of an API job read (profile in the README's performance section).
+    ROLLBACK on return; in autocommit the BEGIN and ROLLBACK are not sent (py-spy put them at about
+    40% of an API job read's wall time on two loaded cores).
     """
     key = (os.getpid(), _engine_key(settings), "autocommit")
     engine = _engines.get(key)
