@@ -160,7 +160,9 @@ def _prepare(
 
     t0 = time.perf_counter()
     queries = [r.query for r in requests if r.query]
-    query_vectors = dict(zip(queries, encode_queries(queries, settings), strict=True)) if queries else {}
+    # One query (`recsys recommend`, a lone job) in a process without the torch model: the light encoder.
+    light = len(queries) == 1
+    query_vectors = dict(zip(queries, encode_queries(queries, settings, light=light), strict=True)) if queries else {}
     without_query = sorted({r.customer_id for r in requests if not r.query and histories.get(r.customer_id)})
     mean_vectors = history_vectors(without_query, HISTORY_ITEMS, settings) if without_query else {}
     embed_ms = (time.perf_counter() - t0) * 1000 / count
