@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from markupsafe import escape
 from support.discover import tiny_llm_folder  # noqa: F401  (fixture)
 from web_fixtures import csrf_from
 
@@ -64,9 +65,8 @@ def test_discover_feedback_and_replacement_over_http(app, client, loaded_db, aut
              "customer_id": 13047}
     assert error_of(client.post("/api/v1/feedback", json=other, headers=auth_headers), 409)["code"] == \
         "customer_mismatch"
-    shown = {item["stock_code"] for g in shown_now["groups"] for item in g["items"] + g["extras"]}
-    outside = next(code for code in ("21754", "82482", "22728", "23206") if code not in shown)
-    error_of(client.post("/api/v1/feedback", json={"event": "shown", "stock_code": outside, "job_id": job["id"]},
+    in_reserve = next(g for g in shown_now["groups"] if g["extras"])["extras"][0]["stock_code"]
+    error_of(client.post("/api/v1/feedback", json={"event": "shown", "stock_code": in_reserve, "job_id": job["id"]},
                          headers=auth_headers), 400)
     missing = {"event": "shown", "stock_code": bought, "job_id": "00000000-0000-0000-0000-000000000001"}
     assert error_of(client.post("/api/v1/feedback", json=missing, headers=auth_headers), 404)["code"] == \
@@ -97,9 +97,11 @@ def test_admin_page_shows_the_groups_and_the_replacement(app, admin_client, load
     result = jobs.get_job(job_id, settings)["result"]
     html = admin_client.get(f"/admin/discover/?job={job_id}").get_data(as_text=True)
     for group in result["groups"]:
-        assert group["idea"]["description"] in html
+        assert str(escape(group["idea"]["description"])) in html
         for item in group["items"]:
             assert f'data-stock-code="{item["stock_code"]}"' in html
+    job_page = admin_client.get(f"/admin/jobs/{job_id}").get_data(as_text=True)
+    assert f"/admin/discover/?job={job_id}" in job_page
     group = next(g for g in result["groups"] if g["extras"])
     bought, extra = group["items"][0], group["extras"][0]
     done = admin_client.post(f"/admin/discover/{job_id}/purchased",
@@ -110,3 +112,32 @@ def test_admin_page_shows_the_groups_and_the_replacement(app, admin_client, load
     again = admin_client.post(f"/admin/discover/{job_id}/purchased",
                               data={"csrf_token": token, "stock_code": bought["stock_code"]})
     assert again.status_code == 409
+
+
+def test_cli_discover(loaded_db, flushed_broker, tiny_llm_folder):  # noqa: F811
+    import json
+
+    from click.testing import CliRunner
+
+    from recsys.cli import cli
+    from recsys.config import set_settings
+
+    settings = loaded_db.with_(llm_model=tiny_llm_folder, batch_wait_ms=0)
+    set_settings(settings)
+    runner = CliRunner()
+    args = ["discover", "--customer", "15781", "--need", "a present for a bag lover", "--json"]
+    queued = runner.invoke(cli, args)
+    assert queued.exit_code == 0, queued.output
+    job_id = json.loads(queued.output)["job_id"]
+    assert jobs.run_job(job_id, settings, worker=WORKER).status == "succeeded"
+    cached = runner.invoke(cli, args)
+    assert cached.exit_code == 0 and json.loads(cached.output)["cached"]
+    assert json.loads(cached.output)["result"]["groups"]
+    shown = runner.invoke(cli, args[:-1])
+    assert shown.exit_code == 0 and "cached" in shown.output
+    for bad, message in [(["discover", "--need", " "], "need must not be empty"),
+                         (["discover", "--need", "x" * 501], "longer than 500"),
+                         (["discover", "--need", "tea", "--exclude-purchased"], "needs a customer_id")]:
+        failed = runner.invoke(cli, bad)
+        assert failed.exit_code == 2, (bad, failed.output)
+        assert message in failed.output and len(failed.output.strip().splitlines()) == 1
