@@ -245,7 +245,10 @@ def test_one_failing_job_does_not_fail_its_batch(loaded_db, flushed_broker, tmp_
 
 
 def test_a_request_that_cannot_be_served_fails_without_retries(loaded_db, flushed_broker):
-    outcome = jobs.submit_recommendation({"customer_id": 99999, "k": 3, "ranker": "retrieval"}, settings=loaded_db)
+    """Servable at submit, not when it runs (the customer's purchases were deleted in between): no retry."""
+    outcome = jobs.submit_recommendation({"customer_id": 13047, "k": 3, "ranker": "retrieval"}, settings=loaded_db)
+    with get_engine(loaded_db).begin() as conn:
+        conn.execute(text("DELETE FROM purchases WHERE customer_id = 13047"))
     result = jobs.run_job(outcome.job_id, worker=WORKER, settings=loaded_db)
     assert result.status == "failed" and "has no purchases" in result.error
     assert jobs.get_job(outcome.job_id, loaded_db)["attempts"] == 1
