@@ -105,15 +105,13 @@ _STATEMENT = text(
         SELECT coalesce(max(last_purchase_at), localtimestamp) AS at FROM customers
     ),
     requests AS (
-        SELECT * FROM unnest(CAST(:req_ids AS int[]), CAST(:customers AS bigint[]), CAST(:queries AS vector[]))
-            AS r(req, customer_id, query_vector)
-    ),
-    pairs AS (
-        SELECT * FROM unnest(CAST(:pair_reqs AS int[]), CAST(:pair_codes AS text[]), CAST(:pair_bare AS boolean[]))
-            AS p(req, stock_code, bare)
+        SELECT * FROM unnest(CAST(:req_ids AS int[]), CAST(:customers AS bigint[])) AS r(req, customer_id)
     ),
     bare AS (
-        SELECT req, stock_code FROM pairs WHERE bare
+        SELECT * FROM unnest(CAST(:bare_reqs AS int[]), CAST(:bare_pair_codes AS text[])) AS b(req, stock_code)
+    ),
+    queries AS (
+        SELECT * FROM unnest(CAST(:query_reqs AS int[]), CAST(:query_vectors AS vector[])) AS q(req, query_vector)
     ),
     hist AS (
         SELECT DISTINCT * FROM unnest(CAST(:hist_reqs AS int[]), CAST(:hist_codes AS text[])) AS h(req, stock_code)
@@ -144,33 +142,41 @@ _STATEMENT = text(
           AND pu.invoiced_at >= ref.at - interval '{RECENT_DAYS} days'
         GROUP BY pu.stock_code
     )
-    SELECT p.req, p.stock_code, p.bare,
-           pr.price AS price,
-           extract(epoch FROM ref.at - cu.last_purchase_at) / 86400.0 AS days_since_last_purchase,
-           coalesce(cu.purchase_count, 0) AS customer_purchases,
-           CASE WHEN r.query_vector IS NOT NULL THEN 1 - (pr.embedding <=> r.query_vector) END AS query_similarity,
-           1 - (pr.embedding <=> hv.v) AS history_similarity,
-           coalesce(o.times, 0) AS times_bought,
-           extract(epoch FROM ref.at - o.last_at) / 86400.0 AS days_since_bought,
-           coalesce(co.total, 0) AS copurchase_sum,
-           coalesce(co.best, 0) AS copurchase_max,
-           coalesce(pr.customer_count, 0) AS popularity,
-           coalesce(rc.customers, 0) AS popularity_30d
-    FROM pairs p
-    JOIN requests r ON r.req = p.req
+    SELECT 'product' AS kind, NULL::int AS req, pr.stock_code, pr.price::float8 AS a, NULL::float8 AS b,
+           NULL::float8 AS c, NULL::float8 AS d, NULL::float8 AS e, NULL::float8 AS f, NULL::float8 AS g,
+           NULL::float8 AS h, NULL::float8 AS i
+    FROM products pr WHERE pr.stock_code = ANY(CAST(:codes AS text[]))
+    UNION ALL
+    SELECT 'request', r.req, NULL, extract(epoch FROM ref.at - cu.last_purchase_at) / 86400.0,
+           coalesce(cu.purchase_count, 0), NULL, NULL, NULL, NULL, NULL, NULL, NULL
+    FROM requests r CROSS JOIN ref LEFT JOIN customers cu ON cu.customer_id = r.customer_id
+    UNION ALL
+    SELECT 'bare', b.req, b.stock_code,
+           1 - (pr.embedding <=> q.query_vector),
+           1 - (pr.embedding <=> hv.v),
+           coalesce(o.times, 0),
+           extract(epoch FROM ref.at - o.last_at) / 86400.0,
+           coalesce(co.total, 0),
+           coalesce(co.best, 0),
+           coalesce(pr.customer_count, 0),
+           coalesce(rc.customers, 0),
+           NULL
+    FROM bare b
+    JOIN requests r ON r.req = b.req
     CROSS JOIN ref
-    LEFT JOIN products pr ON pr.stock_code = p.stock_code
-    LEFT JOIN customers cu ON cu.customer_id = r.customer_id
-    LEFT JOIN hvec hv ON p.bare AND hv.req = p.req
-    LEFT JOIN own o ON p.bare AND o.customer_id = r.customer_id AND o.stock_code = p.stock_code
-    LEFT JOIN co ON p.bare AND co.req = p.req AND co.stock_code = p.stock_code
-    LEFT JOIN recent rc ON p.bare AND rc.stock_code = p.stock_code
+    LEFT JOIN products pr ON pr.stock_code = b.stock_code
+    LEFT JOIN queries q ON q.req = b.req
+    LEFT JOIN hvec hv ON hv.req = b.req
+    LEFT JOIN own o ON o.customer_id = r.customer_id AND o.stock_code = b.stock_code
+    LEFT JOIN co ON co.req = b.req AND co.stock_code = b.stock_code
+    LEFT JOIN recent rc ON rc.stock_code = b.stock_code
     """
 )
+# Column order of a 'bare' row (candidates without evidence) after kind, req, stock_code.
+_BARE_COLUMNS = ("query_similarity", "history_similarity", "times_bought", "days_since_bought", "copurchase_sum",
+                 "copurchase_max", "popularity", "popularity_30d")
 
-# Read for every candidate.
-_ALWAYS_READ = ("price", "days_since_last_purchase", "customer_purchases")
-# Read only for candidates without evidence; otherwise taken from the evidence (default when a key is absent).
+# Taken from the candidate stage's evidence, with these values where a key is absent.
 _EVIDENCE_DEFAULTS = {
     "query_similarity": math.nan,
     "history_similarity": math.nan,
@@ -182,34 +188,22 @@ _EVIDENCE_DEFAULTS = {
     "popularity": 0.0,
     "popularity_30d": 0.0,
 }
-_BARE_READ = tuple(name for name in _EVIDENCE_DEFAULTS if name != "repeat_score")
 
 
 def _number(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def _query_vectors(
-    requests: Sequence[RankRequest], settings: Settings, wanted: Sequence[int]
-) -> list[np.ndarray | None]:
-    """The query embeddings of the `wanted` requests (None elsewhere), sent as pgvector values; repeated
-    queries come from the encoder's per-process cache, so the pipeline's own encoding is reused."""
+def _query_vectors(requests: Sequence[RankRequest], settings: Settings, wanted: Sequence[int]) -> dict[int, np.ndarray]:
+    """The query embeddings of the `wanted` requests that have a query (sent as pgvector values);
+    repeated queries come from the encoder's per-process cache, so the pipeline's own encoding is reused."""
     from recsys.catalog.embedding import encode_queries
 
     queries = list(dict.fromkeys(requests[i].query for i in wanted if requests[i].query))
-    out: list[np.ndarray | None] = [None] * len(requests)
     if not queries:
-        return out
+        return {}
     vectors = dict(zip(queries, encode_queries(queries, settings), strict=True))
-    for i in wanted:
-        if requests[i].query:
-            out[i] = vectors[requests[i].query]
-    return out
-
-
-def _evidence_value(evidence, name: str) -> float:
-    value = evidence.get(name)
-    return _EVIDENCE_DEFAULTS[name] if value is None or isinstance(value, str) else float(value)
+    return {i: vectors[requests[i].query] for i in wanted if requests[i].query}
 
 
 def read_features(
@@ -224,50 +218,64 @@ def read_features(
     (the ranked window); the others get NaN. Without it the names are `FEATURES`.
     """
     names = feature_names(with_llm=llm_scores is not None)
-    pairs = [(index, c.stock_code, not c.evidence) for index, r in enumerate(requests) for c in r.candidates]
-    values: dict[tuple[int, str], dict[str, float]] = {}
-    if pairs:
-        bare_requests = sorted({index for index, _, bare in pairs if bare})
+    prices: dict[str, float] = {}
+    customer_values: dict[int, tuple[float, float]] = {}
+    bare_values: dict[tuple[int, str], tuple[float, ...]] = {}
+    if any(r.candidates for r in requests):
+        bare = [(i, c.stock_code) for i, r in enumerate(requests) for c in r.candidates if not c.evidence]
+        bare_requests = sorted({i for i, _ in bare})
         history = [(i, h.stock_code) for i in bare_requests for h in requests[i].history]
+        queries = _query_vectors(requests, settings, bare_requests)
         params = {
             "req_ids": list(range(len(requests))),
             "customers": [r.customer_id for r in requests],
-            "queries": _query_vectors(requests, settings, bare_requests),
-            "pair_reqs": [index for index, _, _ in pairs],
-            "pair_codes": [code for _, code, _ in pairs],
-            "pair_bare": [bare for _, _, bare in pairs],
-            "hist_reqs": [index for index, _ in history],
+            "codes": sorted({c.stock_code for r in requests for c in r.candidates}),
+            "bare_reqs": [i for i, _ in bare],
+            "bare_pair_codes": [code for _, code in bare],
+            "query_reqs": list(queries),
+            "query_vectors": list(queries.values()),
+            "hist_reqs": [i for i, _ in history],
             "hist_codes": [code for _, code in history],
             "bare_customers": sorted({requests[i].customer_id for i in bare_requests} - {None}),
-            "bare_codes": sorted({code for _, code, bare in pairs if bare}),
+            "bare_codes": sorted({code for _, code in bare}),
         }
         with get_engine(settings).connect() as conn:
-            for row in conn.execute(_STATEMENT, params):
-                read = _ALWAYS_READ + (_BARE_READ if row.bare else ())
-                values[(row.req, row.stock_code)] = {name: _number(getattr(row, name)) for name in read}
-    column = {name: position for position, name in enumerate(names)}
+            for kind, req, code, *values in conn.execute(_STATEMENT, params):
+                if kind == "product":
+                    prices[code] = _number(values[0])
+                elif kind == "request":
+                    customer_values[req] = (_number(values[0]), _number(values[1]))
+                else:
+                    bare_values[(req, code)] = tuple(_number(v) for v in values[: len(_BARE_COLUMNS)])
+    missing = math.nan
+    defaults = dict.fromkeys(names, missing)
     matrices = []
     for index, request in enumerate(requests):
-        matrix = np.full((len(request.candidates), len(names)), np.nan, dtype=np.float32)
-        if len(request.candidates):
-            matrix[:, column["has_query"]] = 1.0 if request.query else 0.0
-            matrix[:, column["history_items"]] = len(request.history)
+        days_since, purchases = customer_values.get(index, (missing, missing))
         scores = llm_scores[index] if llm_scores is not None else None
-        for row, candidate in enumerate(request.candidates):
-            read = values.get((index, candidate.stock_code), {})
-            for name, value in read.items():
-                matrix[row, column[name]] = value
-            if candidate.evidence:
-                for name in _EVIDENCE_DEFAULTS:
-                    matrix[row, column[name]] = _evidence_value(candidate.evidence, name)
-            sources = candidate_sources(candidate, row)
+        request_values = {"has_query": 1.0 if request.query else 0.0, "history_items": float(len(request.history)),
+                          "days_since_last_purchase": days_since, "customer_purchases": purchases}
+        rows = []
+        for position, candidate in enumerate(request.candidates):
+            values = dict(defaults)
+            values.update(request_values)
+            values["price"] = prices.get(candidate.stock_code, missing)
+            evidence = candidate.evidence
+            if evidence:
+                for name, default in _EVIDENCE_DEFAULTS.items():
+                    value = evidence.get(name)
+                    values[name] = default if value is None or isinstance(value, str) else float(value)
+            else:
+                values.update(zip(_BARE_COLUMNS, bare_values.get((index, candidate.stock_code), ()), strict=False))
+            sources = candidate_sources(candidate, position)
             for source in SOURCES:
                 rank = sources.get(source)
-                matrix[row, column[f"in_{source}"]] = 0.0 if rank is None else 1.0
+                values[f"in_{source}"] = 0.0 if rank is None else 1.0
                 if rank is not None:
-                    matrix[row, column[f"{source}_rank"]] = rank
-            matrix[row, column["source_count"]] = sum(1 for source in SOURCES if source in sources)
+                    values[f"{source}_rank"] = float(rank)
+            values["source_count"] = float(sum(1 for source in SOURCES if source in sources))
             if scores is not None and candidate.stock_code in scores:
-                matrix[row, column[LLM_FEATURE]] = scores[candidate.stock_code]
-        matrices.append(matrix)
+                values[LLM_FEATURE] = scores[candidate.stock_code]
+            rows.append([values[name] for name in names])
+        matrices.append(np.array(rows, dtype=np.float32).reshape(len(rows), len(names)))
     return BatchFeatures(names=names, matrices=matrices)

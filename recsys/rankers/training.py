@@ -273,8 +273,11 @@ def train_ranker(
     feature_settings: Settings | None = None,
     progress: ProgressFactory = no_progress,
     llm_model=None,
+    params: dict | None = None,
 ) -> dict:
     """Train and save the variant's model; returns its metadata (also in the model file).
+
+    `params` overrides entries of `LGBM_PARAMS`.
 
     `feature_settings` points at a database that already holds only the purchases before the
     inner cutoff (tests); otherwise `snapshot(settings, inner_cutoff)` builds one (default: the
@@ -330,7 +333,7 @@ def train_ranker(
             f"too little data to train: only {reachable} of {len(examples)} examples have an answer among "
             f"their candidates (need at least {MIN_GROUPS + 1}); choose a later --cutoff or a longer window"
         )
-    params = dict(LGBM_PARAMS, seed=seed, deterministic=True)
+    params = dict(LGBM_PARAMS, seed=seed, deterministic=True) | (params or {})
     train_set = lightgbm.Dataset(np.vstack(train_x), np.concatenate(train_y), group=train_groups,
                                  feature_name=list(features.names), free_raw_data=False)
     valid_set = lightgbm.Dataset(np.vstack(valid_x), np.concatenate(valid_y), group=valid_groups,
