@@ -19,12 +19,13 @@ from sqlalchemy import Connection, text
 
 from recsys.catalog.embedding import query_dtype
 from recsys.config import Settings
+from recsys.recommend.candidates import candidate_settings
 from recsys.recommend.pipeline import model_identity
 from recsys.recommend.request import RecommendationRequest, RequestError
 
 log = logging.getLogger(__name__)
 
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: candidates from four sources
 # Hits per minute are counted in the broker (one key per minute, kept a day) for the dashboard's chart;
 # the cache table only knows each entry's total.
 HITS_KEY_PREFIX = "recsys:cache_hits:"
@@ -79,8 +80,7 @@ def cache_key(conn: Connection, request: RecommendationRequest, settings: Settin
         "prompt_version": prompt_version,
         "embedding_model": settings.embedding_model,
         "query_dtype": query_dtype(settings),
-        "retrieve_k": settings.retrieve_k,
-        "ef_search": settings.ef_search,
+        **candidate_settings(settings),
         "max_candidates": settings.max_candidates,
         "verbalizer_permutations": settings.verbalizer_permutations if model else None,
     }

@@ -1,14 +1,15 @@
 """The four-stage recommendation pipeline: retrieve, filter, rank, order.
 
-1. retrieve candidates by query embedding (or, without query text, by the mean embedding of
-   the customer's recent purchases): max(k, `RECSYS_MAX_CANDIDATES`) of them, at most
+1. retrieve candidates from four sources (vector search by the query text or the mean embedding
+   of the recent purchases, the customer's repeat purchases, co-purchase partners of the recent
+   purchases, recent best sellers), merged and tagged with their sources and evidence
+   (`recsys.recommend.candidates`): max(k, `RECSYS_MAX_CANDIDATES`) of them, at most
    `RECSYS_RETRIEVE_K`;
-2. filter: non-products always, what the customer already bought when asked. The filters run
-   inside the index scan (SQL, iterative HNSW scans), so every retrieved row survives them and
-   nothing is fetched only to be thrown away;
+2. filter: non-products always, what the customer already bought when asked (inside the
+   candidate statement, so nothing is fetched only to be thrown away);
 3. rank the top `RECSYS_MAX_CANDIDATES` with the chosen ranker (a learned ranker, being cheap,
    orders all `RECSYS_RETRIEVE_K`);
-4. order: the ranked window first, then (when k is larger) the rest in retrieval order; cut to k.
+4. order: the ranked window first, then (when k is larger) the rest in merged order; cut to k.
 
 Requests are ranked in batches: one `Ranker.rank` call per ranker for a whole batch, which is
 what lets a GPU worker see full batches.
@@ -23,8 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from recsys.catalog.embedding import encode_queries
-from recsys.catalog.history import HISTORY_ITEMS, history_vectors, recent_histories
-from recsys.catalog.retrieval import search_many
+from recsys.catalog.history import HISTORY_ITEMS, recent_histories
 from recsys.config import Settings
 from recsys.rankers import (
     Candidate,
@@ -38,6 +38,7 @@ from recsys.rankers import (
 )
 from recsys.rankers.item_stats import DatabaseItemStats
 from recsys.rankers.learned import ModelFileError
+from recsys.recommend.candidates import CandidateRequest, candidates_batch
 from recsys.recommend.explanations import attach_explanations
 from recsys.recommend.ordering import final_order
 from recsys.recommend.request import RecommendationRequest, RequestError
@@ -158,51 +159,51 @@ def _prepare(
     histories = recent_histories(customers, HISTORY_ITEMS, settings)
     history_ms = (time.perf_counter() - t0) * 1000 / count
 
+    for request in requests:
+        if not request.query and not histories.get(request.customer_id):
+            raise RequestError(f"customer {request.customer_id} has no purchases and the request has no query text")
+
     t0 = time.perf_counter()
     queries = [r.query for r in requests if r.query]
     # One query (`recsys recommend`, a lone job) in a process without the torch model: the light encoder.
     light = len(queries) == 1
     query_vectors = dict(zip(queries, encode_queries(queries, settings, light=light), strict=True)) if queries else {}
-    without_query = sorted({r.customer_id for r in requests if not r.query and histories.get(r.customer_id)})
-    mean_vectors = history_vectors(without_query, HISTORY_ITEMS, settings) if without_query else {}
     embed_ms = (time.perf_counter() - t0) * 1000 / count
 
-    vectors = []
-    for request in requests:
-        vector = query_vectors[request.query] if request.query else mean_vectors.get(request.customer_id)
-        if vector is None:
-            raise RequestError(f"customer {request.customer_id} has no purchases and the request has no query text")
-        vectors.append(vector)
     wanted = [
         settings.retrieve_k if whole else min(max(r.k, settings.max_candidates), settings.retrieve_k)
         for r, whole in zip(requests, rank_all, strict=True)
     ]
     t0 = time.perf_counter()
-    hits = search_many(
-        vectors,
-        max(wanted),
+    found = candidates_batch(
+        [
+            CandidateRequest(r.customer_id, query_vectors.get(r.query) if r.query else None, r.exclude_purchased,
+                             r.query)
+            for r in requests
+        ],
         settings,
-        exclude_customers=[r.customer_id if r.exclude_purchased else None for r in requests],
+        limit=max(wanted),
+        recent={customer: [h.stock_code for h in bought] for customer, bought in histories.items()},
     )
     retrieve_ms = (time.perf_counter() - t0) * 1000 / count
 
     prepared = []
-    for request, found, fetched in zip(requests, hits, wanted, strict=True):
+    for request, candidates, fetched in zip(requests, found, wanted, strict=True):
         bought = histories.get(request.customer_id, []) if request.customer_id is not None else []
         notes: list[str] = []
-        cold_start = request.customer_id is not None and not bought
-        if cold_start:
-            notes.append(f"customer {request.customer_id} has no purchases: ranked without history")
+        if candidates.cold_start:
+            notes.append(f"customer {request.customer_id} has no purchases: ranked without history, "
+                         "best sellers among the candidates")
         if not request.query:
             notes.append("no query text: searched with the mean embedding of the recent purchases")
         prepared.append(
             _Prepared(
                 request,
                 [HistoryItem(h.stock_code, h.description) for h in bought],
-                [Candidate(h.stock_code, h.description, h.score) for h in found[:fetched]],
+                candidates.candidates[:fetched],
                 notes,
                 {"history_ms": history_ms, "embed_ms": embed_ms, "retrieve_ms": retrieve_ms},
-                cold_start,
+                candidates.cold_start,
             )
         )
     return prepared
@@ -251,7 +252,8 @@ def _result(
         "notes": prepared.notes,
         "history": [{"stock_code": h.stock_code, "description": h.description} for h in prepared.history],
         "candidates": [
-            {"stock_code": c.stock_code, "description": c.description, "retrieval_score": c.retrieval_score}
+            {"stock_code": c.stock_code, "description": c.description, "retrieval_score": c.retrieval_score,
+             "sources": dict(c.sources)}
             for c in prepared.candidates
         ],
         "ranked_candidates": len(rank_request.candidates),
