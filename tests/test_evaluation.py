@@ -1,9 +1,11 @@
-"""Offline evaluation: metrics, query words, the temporal split's leakage guard, seeded sampling, end to end."""
+"""Offline evaluation: metrics, query words, the split, the snapshot database (leakage), seeded sampling, end to end
+through the production pipeline."""
 
 from __future__ import annotations
 
 import json
 import math
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -24,9 +26,10 @@ from recsys.evaluation.metrics import (
 )
 from recsys.evaluation.queries import type_query
 from recsys.evaluation.report import latest_report, write_report
-from recsys.evaluation.runner import EvalParams, EvaluationError, full_order, run_evaluation
-from recsys.evaluation.split import InMemoryItemStats, PurchaseLog, TemporalSplit
-from recsys.rankers import CLASSICAL_RANKER_NAMES, LLM_RANKER_NAMES, RANKER_NAMES, Candidate
+from recsys.evaluation.runner import EvalParams, EvaluationError, run_evaluation
+from recsys.evaluation.snapshot import snapshot_name, snapshot_settings
+from recsys.evaluation.split import PurchaseLog, TemporalSplit
+from recsys.rankers import CLASSICAL_RANKER_NAMES
 
 # ---------------------------------------------------------------- metrics
 
@@ -59,11 +62,6 @@ def test_percentile_and_paired_difference():
     diff = paired_difference([1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0])
     assert diff["delta"] == pytest.approx(0.5) and diff["low"] < 0.5 < diff["high"] and diff["n"] == 4
     assert paired_difference([1.0], [0.0]) is None
-
-
-def test_full_order_keeps_candidates_only_and_appends_missing():
-    candidates = [Candidate(code, code, 0.0) for code in ("a", "b", "c", "d")]
-    assert full_order(["c", "x", "c", "a"], candidates) == ["c", "a", "b", "d"]
 
 
 # ---------------------------------------------------------------- query words
@@ -132,11 +130,7 @@ def synthetic_log(customers: int = 60, products: int = 30, seed: int = 0) -> Pur
     return PurchaseLog(purchases=purchases, products=catalog, embeddings=dict(zip(names, vectors, strict=True)))
 
 
-def _stats_snapshot(stats: InMemoryItemStats, codes: list[str]) -> tuple:
-    return stats.popularity(codes), {code: stats.copurchase([code], codes) for code in codes}
-
-
-def test_nothing_on_or_after_the_cutoff_reaches_statistics_or_histories():
+def test_nothing_on_or_after_the_cutoff_reaches_histories():
     full = synthetic_log()
     before_only = PurchaseLog(
         purchases=full.purchases[full.purchases["invoiced_at"] < CUTOFF],
@@ -148,29 +142,12 @@ def test_nothing_on_or_after_the_cutoff_reaches_statistics_or_histories():
     assert split.test["invoiced_at"].min() >= CUTOFF  # the purchase exactly at the cutoff is held out
     assert split.histories == reference.histories
     assert split.purchase_counts == reference.purchase_counts
-    codes = sorted(full.products.index)
-    assert _stats_snapshot(split.stats, codes) == _stats_snapshot(reference.stats, codes)
-    assert split.stats.popularity(["NEW1"]) == {"NEW1": 0.0}
-    assert split.stats.copurchase(["P00", "P01"], ["NEW1"]) == {}
     assert all("NEW1" not in codes for codes in split.histories.values())
     for task in TASKS:
         for case in sample_cases(split, task, 30, seed=7):
             known = set(reference.histories[case.customer_id])
             assert {item.stock_code for item in case.history} <= known
             assert case.repeats <= known
-
-
-def test_copurchase_matches_the_sql_definition():
-    purchases = pd.DataFrame(
-        [(1, "A1", "x"), (1, "A1", "y"), (2, "A2", "x"), (2, "A2", "y"), (2, "A2", "z"), (3, "A3", "x"),
-         (3, "A3", "z"), (3, "A3", "POST"), (4, "A4", "x"), (4, "A4", "POST")],
-        columns=["customer_id", "invoice_no", "stock_code"],
-    )
-    stats = InMemoryItemStats(purchases, frozenset({"POST"}))
-    assert stats.together("x", "y") == 2 and stats.together("y", "z") == 0  # one invoice: below the threshold
-    assert stats.together("x", "POST") == 0 and stats.together("x", "x") == 0
-    assert stats.copurchase(["y", "z"], ["x", "y", "POST"]) == {"x": 4.0}
-    assert stats.popularity(["x", "POST", "absent"]) == {"x": 4.0, "POST": 2.0, "absent": 0.0}
 
 
 def test_same_seed_same_cases_and_strata_interleaved():
@@ -244,6 +221,63 @@ def split_db(db, tmp_path):
     return db
 
 
+def test_the_snapshot_holds_nothing_on_or_after_the_cutoff(split_db, tmp_path):
+    from sqlalchemy import text
+
+    from recsys.catalog.ingest import ingest_file
+    from recsys.platform.db import get_engine
+
+    later = tmp_path / "later.csv"  # a product first sold on the cutoff day
+    later.write_text("InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+                     "560001,99999,NEW SEASON BAG CHARM,2,2011-06-01 00:00:00,1.25,17000,United Kingdom\n")
+    ingest_file(later, split_db)
+    cutoff = datetime(2011, 6, 1)
+    snapshot = snapshot_settings(split_db, cutoff)
+    assert snapshot.db_name == snapshot_name(split_db, cutoff) != split_db.db_name
+    with get_engine(split_db).connect() as conn:
+        before = conn.execute(text("SELECT count(*) FROM purchases WHERE invoiced_at < :c"), {"c": cutoff}).scalar()
+        only_later = set(conn.execute(text(
+            "SELECT stock_code FROM purchases GROUP BY stock_code HAVING min(invoiced_at) >= :c"), {"c": cutoff}
+        ).scalars())
+    with get_engine(snapshot).connect() as conn:
+        row = conn.execute(text("SELECT count(*) AS n, max(invoiced_at) AS last FROM purchases")).one()
+        assert row.n == before and row.last < cutoff
+        assert conn.execute(text("SELECT max(last_purchase_at) FROM customers")).scalar() < cutoff
+        products = set(conn.execute(text("SELECT stock_code FROM products")).scalars())
+        assert not products & only_later
+        assert conn.execute(text("SELECT count(*) FROM products WHERE embedding IS NULL")).scalar() == 0
+        pairs = conn.execute(text("SELECT count(*) FROM copurchase")).scalar()
+        runs = conn.execute(text("SELECT count(*) FROM ingest_runs")).scalar()
+    assert only_later and pairs > 0
+    again = snapshot_settings(split_db, cutoff)  # reused, not rebuilt
+    with get_engine(again).connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM ingest_runs")).scalar() == runs
+
+
+def test_the_evaluation_and_the_worker_call_the_same_pipeline(split_db, flushed_broker, monkeypatch):
+    from recsys import jobs
+    from recsys.recommend import pipeline
+
+    calls = []
+    real = pipeline.recommend_batch
+
+    def recording(requests, settings, *args, **kwargs):
+        calls.append((settings.db_name, [r.customer_id for r in requests]))
+        return real(requests, settings, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "recommend_batch", recording)
+    results = run_evaluation(EvalParams(cutoff=SMALL_CUTOFF, cases=4, rankers=("retrieval",), tasks=("next",),
+                                        batch_size=2), split_db)
+    snapshot = snapshot_name(split_db, datetime(2011, 6, 1))
+    assert [name for name, _ in calls] == [snapshot, snapshot]
+    assert sorted(c for _, customers in calls for c in customers) == sorted(
+        case["customer_id"] for case in results["per_case"])
+    calls.clear()
+    outcome = jobs.submit_recommendation({"customer_id": 17000, "k": 3, "ranker": "retrieval"}, settings=split_db)
+    jobs.run_job(outcome.job_id, worker="test-worker", settings=split_db)
+    assert calls == [(split_db.db_name, [17000])]
+
+
 def _classical_numbers(results: dict) -> dict:
     return {
         task: {name: r["segments"] for name, r in entry["rankers"].items() if name in CLASSICAL_RANKER_NAMES}
@@ -251,36 +285,35 @@ def _classical_numbers(results: dict) -> dict:
     }
 
 
-def test_end_to_end_with_every_ranker(split_db, tiny_llm, tmp_path):
-    limits = {"llm-listwise": 1, "llm-pointwise": 2, "llm-likelihood": 2, "llm-verbalizer": 3}
-    params = EvalParams(cutoff=SMALL_CUTOFF, cases=6, limits=limits, batch_size=3, max_candidates=5)
-    results = run_evaluation(params, split_db, model=tiny_llm)
+def test_end_to_end_through_the_pipeline(split_db, tmp_path):
+    params = EvalParams(cutoff=SMALL_CUTOFF, cases=6, rankers=CLASSICAL_RANKER_NAMES, batch_size=3,
+                        max_candidates=5)
+    results = run_evaluation(params, split_db)
     assert set(results["tasks"]) == set(TASKS)
     for task in results["tasks"].values():
-        assert list(task["rankers"]) == list(RANKER_NAMES)
+        assert list(task["rankers"]) == list(CLASSICAL_RANKER_NAMES)
         assert task["cases"] == 6 and sum(task["strata"].values()) == 6
-        assert task["rankers"]["llm-listwise"]["cases"] == 1 and task["rankers"]["retrieval"]["cases"] == 6
+        recall = task["candidate_recall"]
+        assert set(recall) == {"merged", "vector", "repeat", "copurchase", "popular"}
+        assert all(0.0 <= row["@20"] <= row["@100"] <= 1.0 for row in recall.values())
         for name, entry in task["rankers"].items():
             assert 0.0 <= entry["segments"]["all"]["ndcg@10"] <= 1.0
             assert entry["latency_ms"]["p50"] >= 0
-            if name != "retrieval" and entry["cases"] > 1:
-                assert entry["vs_retrieval_ndcg@10"]["n"] == entry["cases"]
-    assert results["params"]["llm_model"] == "tiny-gemma3-random"
+            if name != "retrieval":
+                assert entry["vs_ndcg@10"]["retrieval"]["n"] == entry["cases"]
     assert results["data"]["train_purchases"] > 0 and results["data"]["test_purchases"] > 0
+    assert results["data"]["snapshot"] == snapshot_name(split_db, datetime(2011, 6, 1))
 
     folder = write_report(results, tmp_path / "eval")
     assert {"metrics.json", "report.md", "ndcg_latency.png", "cases.jsonl"} <= {p.name for p in folder.iterdir()}
     assert (tmp_path / "eval" / "latest").resolve() == folder.resolve()
     latest = latest_report(tmp_path / "eval")
     assert latest["created_at"] == results["created_at"] and latest["params"]["seed"] == 42
-    assert "| llm-verbalizer |" in latest["table_markdown"] and latest["plot_path"].endswith(".png")
+    assert "| copurchase |" in latest["table_markdown"] and "answer in first 100" in latest["table_markdown"]
     assert latest_report(tmp_path / "nothing") is None
 
-    again = run_evaluation(EvalParams(cutoff=SMALL_CUTOFF, cases=6, rankers=CLASSICAL_RANKER_NAMES,
-                                      batch_size=3, max_candidates=5), split_db)
+    again = run_evaluation(params, split_db)
     assert _classical_numbers(again) == _classical_numbers(results)
-    assert [c for c in again["per_case"]] != [] and all(n not in again["tasks"]["query"]["rankers"]
-                                                         for n in LLM_RANKER_NAMES)
 
 
 def test_cli_eval(split_db, tmp_path):

@@ -36,9 +36,9 @@ def _limits(values: tuple[str, ...]) -> dict[str, int | None]:
 
 
 @click.command("eval")
-@click.option("--rankers", default=None, help="Comma-separated rankers (default: all seven).")
+@click.option("--rankers", default=None, help="Comma-separated rankers (default: all).")
 @click.option("--tasks", default=None, help="Comma-separated tasks: query, next (default: both).")
-@click.option("--cases", "cases", type=int, default=None, help="Cases per task (default 300).")
+@click.option("--cases", "cases", type=int, default=None, help="Cases per task (default 500).")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default 42).")
 @click.option("--cutoff", default=None, help="Known before this date, held out from it (default 2011-11-01).")
 @click.option("--until", default=None, help="End of the held-out window (default: the end of the data).")
@@ -53,7 +53,8 @@ def _limits(values: tuple[str, ...]) -> dict[str, int | None]:
 @json_option
 def evaluate(rankers, tasks, cases, seed, cutoff, until, limit, max_candidates, batch_size, exclude_purchased,
              out, as_json) -> None:
-    """Score every ranker on the same held-out cases; write metrics.json, report.md and a plot."""
+    """Score every ranker on the same held-out cases through the production pipeline, against a snapshot
+    database of the purchases before the cutoff; write metrics.json, report.md and a plot."""
     from tqdm import tqdm
 
     from recsys.evaluation.report import eval_root, report_markdown, write_report

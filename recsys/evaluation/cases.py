@@ -14,18 +14,14 @@ that any prefix of the cases (a per-ranker cap) is still balanced.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from recsys.catalog.embedding import encode
-from recsys.catalog.retrieval import search_by_vector
-from recsys.config import Settings
 from recsys.evaluation.queries import type_query
 from recsys.evaluation.split import TemporalSplit
-from recsys.rankers import Candidate, HistoryItem
+from recsys.rankers import HistoryItem
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +46,13 @@ class Case:
     answers: tuple[str, ...]
     repeats: frozenset[str]
     history: tuple[HistoryItem, ...]
-    candidates: tuple[Candidate, ...] = ()
-    retrieved: tuple[str, ...] = field(default=(), repr=False)
+    candidates: tuple[str, ...] = field(default=(), repr=False)  # the pipeline's merged candidates, best first
+    window: int = 0  # how many of them a ranker orders
 
     @property
     def reachable(self) -> bool:
-        """Some answer is among the candidates a ranker sees (no ranker can do better otherwise)."""
-        shown = {c.stock_code for c in self.candidates}
+        """Some answer is among the candidates a ranker orders (no ranker can do better otherwise)."""
+        shown = set(self.candidates[: self.window])
         return any(code in shown for code in self.answers)
 
     def as_dict(self) -> dict:
@@ -69,7 +65,7 @@ class Case:
             "answers": list(self.answers),
             "repeats": sorted(self.repeats),
             "reachable": self.reachable,
-            "candidates": [c.stock_code for c in self.candidates],
+            "candidates": list(self.candidates[: self.window]),
         }
 
 
@@ -159,43 +155,3 @@ def sample_cases(split: TemporalSplit, task: str, n: int, seed: int) -> list[Cas
         )
     log.info("%s: %d cases from %d eligible customers", task, len(cases), len(eligible))
     return cases
-
-
-def _search_excluding(
-    vector: np.ndarray, k: int, excluded: set[str], settings: Settings
-) -> list[Candidate]:
-    """k nearest products, leaving out `excluded` in Python (asking for more until k remain)."""
-    fetch = k + min(len(excluded), k)
-    while True:
-        hits = search_by_vector(vector, fetch, settings)
-        kept = [Candidate(h.stock_code, h.description, h.score) for h in hits if h.stock_code not in excluded]
-        if len(kept) >= k or len(hits) < fetch:
-            return kept[:k]
-        fetch *= 2
-
-
-def attach_candidates(
-    cases: Sequence[Case],
-    split: TemporalSplit,
-    settings: Settings,
-    *,
-    max_candidates: int,
-    exclude_purchased: bool = False,
-    progress: Callable[[int], None] | None = None,
-) -> list[float]:
-    """Retrieve each case's candidates as the pipeline does (the top `max_candidates` of
-    `retrieve_k`); returns the retrieval milliseconds per case."""
-    queries = sorted({c.query for c in cases if c.query})
-    query_vectors = dict(zip(queries, encode(queries, settings), strict=True)) if queries else {}
-    timings = []
-    for case in cases:
-        started = time.perf_counter()
-        vector = query_vectors[case.query] if case.query else history_vector(split, case.customer_id)
-        excluded = set(split.histories.get(case.customer_id, [])) if exclude_purchased else set()
-        retrieved = _search_excluding(vector, settings.retrieve_k, excluded, settings)
-        case.retrieved = tuple(c.stock_code for c in retrieved)
-        case.candidates = tuple(retrieved[:max_candidates])
-        timings.append((time.perf_counter() - started) * 1000)
-        if progress:
-            progress(1)
-    return timings

@@ -70,6 +70,29 @@ def task_table(task: dict) -> str:
     return "\n".join(lines)
 
 
+def recall_table(task: dict) -> str:
+    """Candidate recall: share of cases with an answer among the first 20 / 100 candidates, per source."""
+    recall = task.get("candidate_recall")
+    if not recall:
+        return ""
+    lines = ["| candidates | answer in first 20 | answer in first 100 | candidates per case |", "|---|---|---|---|"]
+    for name, row in recall.items():
+        lines.append(f"| {name} | {_fmt(row.get('@20'))} | {_fmt(row.get('@100'))} | {row.get('mean_found', 0):.1f} |")
+    return "\n".join(lines)
+
+
+def baselines_table(task: dict) -> str:
+    """Paired ΔNDCG@10 (95% interval) of every ranker against each classical baseline."""
+    baselines = [b for b in ("retrieval", "popularity", "copurchase") if b in task["rankers"]]
+    rows = [(name, result.get("vs_ndcg@10") or {}) for name, result in task["rankers"].items()]
+    if not baselines or not any(versus for _, versus in rows):
+        return ""
+    lines = ["| ranker | " + " | ".join(f"Δ vs {b}" for b in baselines) + " |", "|---|" + "---|" * len(baselines)]
+    for name, versus in rows:
+        lines.append(f"| {name} | " + " | ".join(_delta(versus.get(b)) for b in baselines) + " |")
+    return "\n".join(lines)
+
+
 def tables_markdown(results: dict) -> str:
     """Every task's table with a line saying what its cases were."""
     parts = []
@@ -82,6 +105,16 @@ def tables_markdown(results: dict) -> str:
             f"{task['repeat_cases']} cases with a repeat purchase, {task['new_cases']} with a new item.\n"
         )
         parts.append(task_table(task) + "\n")
+        for extra in (baselines_table(task), recall_table(task)):
+            if extra:
+                parts.append(extra + "\n")
+    for variant, meta in (results.get("learned") or {}).items():
+        importances = meta.get("importances") or {}
+        if importances:
+            parts.append(f"**Feature importance of `{variant}`** (share of the split gain; trained with cutoff "
+                         f"{meta.get('cutoff')}, inner cutoff {meta.get('inner_cutoff')}):\n")
+            parts.append("\n".join(["| feature | share |", "|---|---|"]
+                                   + [f"| {name} | {share:.3f} |" for name, share in importances.items()]) + "\n")
     return "\n".join(parts)
 
 
@@ -101,13 +134,16 @@ def report_markdown(results: dict) -> str:
         f"batches of {params['batch_size']}"
         + (", pre-cutoff purchases excluded from candidates" if params.get("exclude_purchased") else "")
         + ".",
-        f"Wall time {results['wall_s']:.0f} s on {machine['cpus']} CPUs (load average "
-        f"{machine['load_average_start']} at start, {machine['load_average_end']} at the end).",
+        f"Every case went through the production pipeline (`recommend_batch`) against the snapshot database "
+        f"{data.get('snapshot', '–')} (purchases before the cutoff only, loaded through the ingest).",
+        f"Wall time {results['wall_s']:.0f} s on {machine['cpus']} CPUs ({machine.get('cpu_model') or 'CPU'}; "
+        f"load average {machine['load_average_start']} at start, {machine['load_average_end']} at the end).",
         "",
         tables_markdown(results),
         "HR = HitRate. *reachable*: cases whose answer was among the ranked candidates; *repeat* / *new*: "
-        "answers the customer had / had not bought before the cutoff. ΔNDCG@10: paired difference from "
-        "`retrieval` on the same cases, with a 95% interval. Latency: ranking only, ms per request in batches.",
+        "answers the customer had / had not bought before the cutoff. ΔNDCG@10: paired difference on the same "
+        "cases, with a 95% interval. Latency: ranking only, ms per request in batches. Candidate recall: an "
+        "answer among the first 20 / 100 merged candidates, or among a source's first 20 / 100.",
         "",
     ]
     return "\n".join(lines)

@@ -1,10 +1,14 @@
-"""Run every ranker on the same cases and collect metrics, latencies and per-case ranks.
+"""Run every ranker through the production pipeline on the same cases; collect metrics, latencies, ranks.
 
-The cases of a task are sampled and retrieved once; each ranker then ranks them in batches
-(`batch_size` requests per `Ranker.rank` call, as a worker would), timed per batch.
-LLM generation is slow on a CPU, so a ranker may be capped to the first N cases of each
-task (`limits`); the cases are interleaved by stratum, so a prefix is still balanced, and
-each ranker is compared with retrieval on exactly the cases it ranked.
+The rankers see the shop as it was at the cutoff: a snapshot database holding only the purchases
+before it (`snapshot.snapshot_settings`, built through the real ingest) with the settings pointed
+at it, and every case goes through `recommend_batch` — the function the worker calls — in batches
+of `batch_size`. The candidate stage is also run alone once per task (`candidates_batch`, as the
+pipeline calls it) to report candidate recall per source. LLM generation is slow on a CPU, so a
+ranker may be capped to the first N cases of each task (`limits`); the cases are interleaved by
+stratum, so a prefix is still balanced, and each ranker is compared with the baselines on exactly
+the cases it ranked. A learned ranker is trained for the evaluation with the evaluation's cutoff
+(so it learned nothing after it) into its own model folder.
 """
 
 from __future__ import annotations
@@ -19,21 +23,26 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from recsys.config import Settings
-from recsys.evaluation.cases import TASK_TITLES, TASKS, Case, attach_candidates, sample_cases
+from recsys.evaluation.cases import TASK_TITLES, TASKS, Case, sample_cases
 from recsys.evaluation.metrics import case_metrics, mean_metrics, paired_difference, percentile
+from recsys.evaluation.snapshot import SnapshotError, snapshot_settings
 from recsys.evaluation.split import PurchaseLog, TemporalSplit, load_purchase_log
-from recsys.rankers import RANKER_NAMES, Ranker, RankRequest, get_ranker, is_llm_ranker
-from recsys.recommend.ordering import final_order
+from recsys.rankers import RANKER_NAMES, is_learned_ranker, is_llm_ranker
+from recsys.rankers.base import CANDIDATE_SOURCES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CUTOFF = "2011-11-01"
-DEFAULT_CASES = 300
+DEFAULT_CASES = 500
 DEFAULT_SEED = 42
 # Cases per task for the slow LLM rankers (see README "Evaluation" for the timings behind them).
-DEFAULT_LIMITS = {"llm-verbalizer": 100, "llm-likelihood": 30, "llm-pointwise": 30, "llm-listwise": 20}
+DEFAULT_LIMITS = {"llm-verbalizer": 100, "llm-likelihood": 30, "llm-pointwise": 30, "llm-listwise": 20,
+                  "learned-llm": 100}
 SEGMENTS = ("all", "reachable", "repeat", "new")
 BASELINE = "retrieval"
+BASELINES = ("retrieval", "popularity", "copurchase")
+ITEMS = 10  # products asked of the pipeline per case (the metrics stop at 10)
+RECALL_AT = (20, 100)
 
 
 class EvaluationError(ValueError):
@@ -108,12 +117,6 @@ class EvalParams:
         return data
 
 
-def full_order(order: Sequence[str], candidates: Sequence) -> list[str]:
-    """The ranker's order cut to the candidates, the missing ones appended (as the pipeline's last stage)."""
-    shown = [c.stock_code for c in candidates]
-    return final_order(order, shown, shown)
-
-
 def _segment_answers(case: Case) -> dict[str, tuple[str, ...]]:
     """The answers each segment scores against; a segment is absent when the case has none."""
     segments = {"all": case.answers}
@@ -128,30 +131,80 @@ def _segment_answers(case: Case) -> dict[str, tuple[str, ...]]:
     return segments
 
 
-def _build_ranker(name: str, settings: Settings, split: TemporalSplit, model) -> Ranker:
-    return get_ranker(name, settings=settings, stats=split.stats, model=model if is_llm_ranker(name) else None)
+def _requests(cases: Sequence[Case], ranker: str, exclude_purchased: bool):
+    from recsys.recommend.request import RecommendationRequest
+
+    return [
+        RecommendationRequest(customer_id=c.customer_id, query=c.query, k=ITEMS, ranker=ranker,
+                              exclude_purchased=exclude_purchased)
+        for c in cases
+    ]
 
 
 def _rank_cases(
-    ranker: Ranker, cases: Sequence[Case], batch_size: int, progress
-) -> tuple[list[list[str]], list[float], list[dict]]:
-    """(full order, ms per request, flags) for each case, ranked in batches."""
-    orders, latencies, flags = [], [], []
+    name: str, cases: Sequence[Case], settings: Settings, batch_size: int, exclude_purchased: bool, progress
+) -> tuple[list[list[str]], list[float], list[float], list[dict]]:
+    """(order, ranking ms, pipeline ms, flags) per case, through `recommend_batch` in batches."""
+    from recsys.recommend.pipeline import recommend_batch
+
+    orders, rank_ms, total_ms, flags = [], [], [], []
     for start in range(0, len(cases), batch_size):
         batch = cases[start:start + batch_size]
-        requests = [
-            RankRequest(candidates=c.candidates, history=c.history, query=c.query, customer_id=c.customer_id)
-            for c in batch
-        ]
-        started = time.perf_counter()
-        results = ranker.rank(requests)
-        per_request = (time.perf_counter() - started) * 1000 / len(batch)
-        for case, result in zip(batch, results, strict=True):
-            orders.append(full_order(result.order, case.candidates))
-            latencies.append(per_request)
-            flags.append({"fallback": bool(result.fallback), "repaired": bool(result.repaired)})
+        for result in recommend_batch(_requests(batch, name, exclude_purchased), settings):
+            orders.append([item["stock_code"] for item in result["items"]])
+            rank_ms.append(result["timings_ms"].get("rank_ms", 0.0))
+            total_ms.append(result["timings_ms"].get("total_ms", 0.0))
+            flags.append({"fallback": bool(result["flags"]["fallback"]), "repaired": bool(result["flags"]["repaired"])})
         progress.update(len(batch))
-    return orders, latencies, flags
+    return orders, rank_ms, total_ms, flags
+
+
+def attach_candidates(
+    cases: Sequence[Case], settings: Settings, batch_size: int, exclude_purchased: bool, progress
+) -> list[dict[str, list[str]]]:
+    """Run the candidate stage alone, as the pipeline does, for every case: the merged candidates
+    (`RECSYS_RETRIEVE_K`, stored on the case) and each source's list, best first."""
+    from recsys.catalog.embedding import encode_queries
+    from recsys.catalog.history import HISTORY_ITEMS, recent_histories
+    from recsys.recommend.candidates import CandidateRequest, candidates_batch
+
+    queries = sorted({c.query for c in cases if c.query})
+    vectors = dict(zip(queries, encode_queries(queries, settings), strict=True)) if queries else {}
+    per_source = []
+    for start in range(0, len(cases), batch_size):
+        batch = cases[start:start + batch_size]
+        histories = recent_histories(sorted({c.customer_id for c in batch}), HISTORY_ITEMS, settings)
+        found = candidates_batch(
+            [CandidateRequest(c.customer_id, vectors.get(c.query), exclude_purchased, c.query) for c in batch],
+            settings,
+            recent={customer: [h.stock_code for h in bought] for customer, bought in histories.items()},
+        )
+        for case, result in zip(batch, found, strict=True):
+            case.candidates = tuple(c.stock_code for c in result.candidates)
+            case.window = settings.max_candidates
+            lists = {source: [] for source in CANDIDATE_SOURCES}
+            for candidate in result.candidates:
+                for source in candidate.sources:
+                    lists[source].append(candidate)
+            per_source.append({source: [c.stock_code for c in sorted(found_by, key=lambda c, s=source: c.sources[s])]
+                               for source, found_by in lists.items()})
+        progress.update(len(batch))
+    return per_source
+
+
+def candidate_recall(cases: Sequence[Case], per_source: Sequence[dict[str, list[str]]]) -> dict:
+    """Share of cases with an answer among the first 20 / 100 candidates, merged and per source."""
+    lists = [{"merged": list(case.candidates), **sources} for case, sources in zip(cases, per_source, strict=True)]
+    recall = {}
+    for name in ("merged", *CANDIDATE_SOURCES):
+        row = {}
+        for at in RECALL_AT:
+            hits = [any(a in set(entry[name][:at]) for a in case.answers) for case, entry in zip(cases, lists,
+                                                                                                strict=True)]
+            row[f"@{at}"] = sum(hits) / len(hits) if hits else 0.0
+        row["mean_found"] = sum(len(entry[name]) for entry in lists) / len(lists) if lists else 0.0
+        recall[name] = row
+    return recall
 
 
 def _summarize(cases: Sequence[Case], orders: Sequence[Sequence[str]]) -> tuple[dict, list[dict]]:
@@ -167,20 +220,43 @@ def _summarize(cases: Sequence[Case], orders: Sequence[Sequence[str]]) -> tuple[
     return {segment: mean_metrics(values) for segment, values in by_segment.items()}, rows
 
 
+def learned_models(
+    settings: Settings, cutoff: datetime, variants: Sequence[str], progress: ProgressFactory
+) -> tuple[Settings, dict]:
+    """Settings whose model folder holds learned models trained with the evaluation's cutoff (trained
+    now unless a model trained with that cutoff on the same data is there), and their metadata."""
+    from recsys.rankers.learned import ModelFileError, model_path, read_model
+    from recsys.rankers.training import train_ranker
+
+    folder = settings.home / "eval" / f"models-before-{cutoff:%Y%m%d}"
+    trained = settings.with_(model_cache=folder)
+    metadata = {}
+    for variant in variants:
+        try:
+            existing = read_model(model_path(trained, variant), variant).metadata
+        except ModelFileError:
+            existing = None
+        if existing is None or str(existing.get("cutoff", ""))[:19] != cutoff.isoformat(sep=" ")[:19]:
+            log.info("training %s with cutoff %s into %s", variant, cutoff, folder)
+            train_ranker(settings.with_(model_cache=folder), variant=variant, cutoff=cutoff, progress=progress)
+        model = read_model(model_path(trained, variant), variant)
+        metadata[variant] = model.metadata | {"importances": model.importances()}
+    return trained, metadata
+
+
 def run_evaluation(
-    params: EvalParams | None,
-    settings: Settings,
+    params: EvalParams | None = None,
+    settings: Settings | None = None,
     *,
     purchase_log: PurchaseLog | None = None,
-    model=None,
     progress: ProgressFactory = no_progress,
 ) -> dict:
-    """Sample the cases, rank them with every ranker, and return the results (see `report`)."""
+    """Sample the cases, rank them with every ranker through the pipeline, and return the results (see `report`)."""
+    from recsys.config import get_settings
+
     params = params or EvalParams()
     params.validate()
-    max_candidates = params.max_candidates or settings.max_candidates
-    rank_settings = settings.with_(max_candidates=max_candidates)
-    batch_size = params.batch_size or settings.batch_size
+    settings = settings or get_settings()
     started = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
@@ -191,16 +267,22 @@ def run_evaluation(
             f"no purchases on one side of the cutoff {params.cutoff} (data runs from "
             f"{purchase_log.purchases['invoiced_at'].min()} to {purchase_log.purchases['invoiced_at'].max()})"
         )
-
-    llm_names = [name for name in params.rankers if is_llm_ranker(name)]
-    model_load_s = None
-    if llm_names and model is None:
-        from recsys.llm.loading import load_model
-
-        t0 = time.perf_counter()
-        model = load_model(settings)
-        model_load_s = round(time.perf_counter() - t0, 2)
-    rankers = {name: _build_ranker(name, rank_settings, split, model) for name in params.rankers}
+    cutoff = split.cutoff.to_pydatetime()
+    t0 = time.perf_counter()
+    try:
+        snapshot = snapshot_settings(settings, cutoff, progress=lambda message: log.info("snapshot: %s", message))
+    except SnapshotError as exc:
+        raise EvaluationError(str(exc)) from exc
+    snapshot_s = round(time.perf_counter() - t0, 1)
+    max_candidates = params.max_candidates or settings.max_candidates
+    batch_size = params.batch_size or settings.batch_size
+    snapshot = snapshot.with_(max_candidates=max_candidates, batch_size=batch_size)
+    ranker_settings = {name: snapshot for name in params.rankers}
+    learned = [name for name in params.rankers if is_learned_ranker(name)]
+    learned_metadata: dict = {}
+    if learned:
+        trained, learned_metadata = learned_models(settings.with_(batch_size=batch_size), cutoff, learned, progress)
+        ranker_settings |= {name: snapshot.with_(model_cache=trained.model_cache) for name in learned}
 
     tasks: dict[str, dict] = {}
     per_case: list[dict] = []
@@ -208,11 +290,10 @@ def run_evaluation(
         cases = sample_cases(split, task, params.cases, params.seed)
         if not cases:
             raise EvaluationError(f"no {task!r} cases: no customer bought both before and after {params.cutoff}")
-        bar = progress(f"{task}: retrieve", len(cases))
-        retrieve_ms = attach_candidates(
-            cases, split, settings, max_candidates=max_candidates,
-            exclude_purchased=params.exclude_purchased, progress=bar.update,
-        )
+        bar = progress(f"{task}: candidates", len(cases))
+        t0 = time.perf_counter()
+        per_source = attach_candidates(cases, snapshot, batch_size, params.exclude_purchased, bar)
+        candidate_ms = (time.perf_counter() - t0) * 1000 / len(cases)
         bar.close()
         records = {case.number: case.as_dict() | {"ranks": {}} for case in cases}
         task_result = {
@@ -222,18 +303,20 @@ def run_evaluation(
             "answers_per_case": sum(len(c.answers) for c in cases) / len(cases),
             "repeat_cases": sum(1 for c in cases if c.repeats),
             "new_cases": sum(1 for c in cases if set(c.answers) - c.repeats),
+            "repeat_answers": sum(len(c.repeats) for c in cases) / max(sum(len(c.answers) for c in cases), 1),
             "reachable": sum(c.reachable for c in cases) / len(cases),
-            "retrieved": sum(any(a in c.retrieved for a in c.answers) for c in cases) / len(cases),
-            "retrieve_ms": {"p50": percentile(retrieve_ms, 50), "p95": percentile(retrieve_ms, 95)},
+            "retrieved": sum(any(a in c.candidates for a in c.answers) for c in cases) / len(cases),
+            "candidate_recall": candidate_recall(cases, per_source),
+            "candidate_ms": candidate_ms,
             "rankers": {},
         }
         rows_by_ranker: dict[str, list[dict]] = {}
         for name in params.rankers:
             subset = cases[: params.limit_for(name)]
-            ranker = rankers[name]
             bar = progress(f"{task}: {name}", len(subset))
             t0 = time.perf_counter()
-            orders, latencies, flags = _rank_cases(ranker, subset, batch_size, bar)
+            orders, rank_ms, total_ms, flags = _rank_cases(
+                name, subset, ranker_settings[name], batch_size, params.exclude_purchased, bar)
             wall = time.perf_counter() - t0
             bar.close()
             segments, rows = _summarize(subset, orders)
@@ -247,27 +330,32 @@ def run_evaluation(
                 "cases": len(subset),
                 "segments": segments,
                 "latency_ms": {
-                    "p50": percentile(latencies, 50),
-                    "p95": percentile(latencies, 95),
-                    "mean": sum(latencies) / len(latencies),
+                    "p50": percentile(rank_ms, 50),
+                    "p95": percentile(rank_ms, 95),
+                    "mean": sum(rank_ms) / len(rank_ms),
                 },
+                "pipeline_ms": {"p50": percentile(total_ms, 50), "p95": percentile(total_ms, 95)},
                 "wall_s": round(wall, 2),
                 "fallback_rate": sum(f["fallback"] for f in flags) / len(flags),
                 "repaired_rate": sum(f["repaired"] for f in flags) / len(flags),
             }
             log.info("%s %s: ndcg@10 %.3f over %d cases in %.1f s", task, name,
                      segments["all"].get("ndcg@10", 0.0), len(subset), wall)
-        if BASELINE in rows_by_ranker:
-            base = [row["ndcg@10"] for row in rows_by_ranker[BASELINE]]
-            for name, rows in rows_by_ranker.items():
-                if name != BASELINE:
-                    diff = paired_difference([row["ndcg@10"] for row in rows], base[: len(rows)])
-                    task_result["rankers"][name]["vs_retrieval_ndcg@10"] = diff
+        for name, rows in rows_by_ranker.items():
+            versus = {}
+            for baseline in BASELINES:
+                if baseline in rows_by_ranker and baseline != name:
+                    base = [row["ndcg@10"] for row in rows_by_ranker[baseline]]
+                    n = min(len(rows), len(base))
+                    versus[baseline] = paired_difference([row["ndcg@10"] for row in rows[:n]], base[:n])
+            task_result["rankers"][name]["vs_ndcg@10"] = versus
+            task_result["rankers"][name]["vs_retrieval_ndcg@10"] = versus.get(BASELINE)
         tasks[task] = task_result
         per_case += list(records.values())
 
     from recsys.llm.prompts import PROMPT_VERSION
 
+    llm_names = [name for name in params.rankers if is_llm_ranker(name) or name == "learned-llm"]
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "params": params.as_dict()
@@ -276,20 +364,34 @@ def run_evaluation(
             "batch_size": batch_size,
             "retrieve_k": settings.retrieve_k,
             "ef_search": settings.ef_search,
+            "candidates": {source: getattr(settings, f"{source}_candidates") for source in CANDIDATE_SOURCES}
+            | {"query_pool": settings.query_pool},
             "embedding_model": settings.embedding_model,
-            "llm_model": getattr(model, "name", settings.llm_model) if llm_names else None,
+            "llm_model": settings.llm_model if llm_names else None,
             "prompt_version": PROMPT_VERSION if llm_names else None,
             "verbalizer_permutations": settings.verbalizer_permutations,
         },
-        "data": split.summary(),
+        "data": split.summary() | {"snapshot": snapshot.db_name if not snapshot.database_url else "external",
+                                   "snapshot_s": snapshot_s},
+        "learned": {
+            variant: {key: meta.get(key) for key in ("cutoff", "inner_cutoff", "importances", "metrics", "counts")}
+            for variant, meta in learned_metadata.items()
+        },
         "tasks": tasks,
         "machine": {
             "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
             "load_average_start": [round(x, 2) for x in load_start] if load_start else None,
             "load_average_end": [round(x, 2) for x in os.getloadavg()] if load_start else None,
-            "model_load_s": model_load_s,
-            "device": str(getattr(model, "device", "")) or None,
         },
         "wall_s": round(time.perf_counter() - started, 1),
         "per_case": per_case,
     }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+    except OSError:
+        return None

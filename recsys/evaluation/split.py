@@ -1,16 +1,15 @@
 """The temporal split: what the rankers may know (before the cutoff) and what they are asked about (after).
 
-All purchases are read once into pandas. Everything a ranker or its statistics sees —
-histories, popularity, co-purchase counts — is built from the purchases *before* the cutoff
-only; the purchases on or after it (up to `until`) only ever become answers. The catalog
-(descriptions, embeddings, the non-product flag) is not a purchase and is used as it is.
+All purchases are read once into pandas, to sample the cases: who bought what before the cutoff
+(histories, how heavy a customer is, which answers are repeats) and after it (the answers). The
+rankers never see this split: they run in the production pipeline against a snapshot database that
+holds only the purchases before the cutoff (`recsys.evaluation.snapshot`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
@@ -21,12 +20,8 @@ from sqlalchemy import text
 
 from recsys.config import Settings
 from recsys.platform.db import get_engine
-from recsys.rankers.base import copurchase_totals, history_candidate_pairs
 
 log = logging.getLogger(__name__)
-
-COPURCHASE_MIN_INVOICES = 2
-
 
 @dataclass(frozen=True)
 class PurchaseLog:
@@ -68,47 +63,6 @@ def load_purchase_log(settings: Settings) -> PurchaseLog:
     return PurchaseLog(purchases=purchases, products=products, embeddings=embeddings)
 
 
-class InMemoryItemStats:
-    """`ItemStats` from a set of purchases, with the same definitions as the SQL views.
-
-    Popularity is the number of distinct customers; co-purchase is the number of invoices
-    holding both products, counted only for pairs seen in at least two invoices and never
-    for non-products (as the `copurchase` materialized view does).
-    """
-
-    def __init__(self, purchases: pd.DataFrame, non_products: frozenset[str] = frozenset()) -> None:
-        self._popularity = purchases.groupby("stock_code")["customer_id"].nunique().astype(float).to_dict()
-        products = purchases[~purchases["stock_code"].isin(non_products)]
-        invoice_ids, _ = pd.factorize(products["invoice_no"])
-        self._invoices: dict[str, frozenset[int]] = {
-            code: frozenset(ids) for code, ids in pd.Series(invoice_ids).groupby(products["stock_code"].to_numpy())
-        }
-        self._pairs: dict[tuple[str, str], int] = {}
-
-    def popularity(self, stock_codes: Sequence[str]) -> dict[str, float]:
-        return {code: self._popularity.get(code, 0.0) for code in stock_codes}
-
-    def together(self, a: str, b: str) -> int:
-        """Invoices holding both products (0 below the two-invoice threshold, or for a == b)."""
-        if a == b:
-            return 0
-        key = (a, b) if a < b else (b, a)
-        count = self._pairs.get(key)
-        if count is None:
-            count = len(self._invoices.get(a, frozenset()) & self._invoices.get(b, frozenset()))
-            count = count if count >= COPURCHASE_MIN_INVOICES else 0
-            self._pairs[key] = count
-        return count
-
-    def copurchase(self, history_codes: Sequence[str], candidate_codes: Sequence[str]) -> dict[str, float]:
-        pairs = self.copurchase_pairs(history_candidate_pairs(history_codes, candidate_codes))
-        return copurchase_totals(pairs, history_codes, candidate_codes)
-
-    def copurchase_pairs(self, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], float]:
-        counts = {(a, b): float(self.together(a, b)) for a, b in pairs}
-        return {pair: count for pair, count in counts.items() if count}
-
-
 def _as_timestamp(value: datetime | str | pd.Timestamp | None) -> pd.Timestamp | None:
     return None if value is None else pd.Timestamp(value)
 
@@ -134,10 +88,6 @@ class TemporalSplit:
         if self.until is not None:
             held_out &= at < self.until
         self.test = purchases[held_out]
-
-    @cached_property
-    def stats(self) -> InMemoryItemStats:
-        return InMemoryItemStats(self.train, self.log.non_products)
 
     @cached_property
     def histories(self) -> dict[int, list[str]]:

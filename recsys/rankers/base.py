@@ -17,7 +17,7 @@ EVIDENCE_FIELDS = {
     "query_similarity": "cosine similarity to the query text's embedding (requests with a query)",
     "history_similarity": "cosine similarity to the mean embedding of the customer's recent purchases",
     "repeat_score": "the customer's recency-weighted purchase frequency of it (each invoice weighs "
-    "0.5 ** (age in days / RECSYS_REPEAT_HALF_LIFE_DAYS))",
+    "0.5 ** (age in days / 180), recsys.recommend.candidates.REPEAT_HALF_LIFE_DAYS)",
     "times_bought": "invoices in which the customer bought it",
     "days_since_bought": "days from the customer's last purchase of it to the reference time",
     "copurchase_sum": "invoices it shares with the customer's recent purchases, summed over them",
