@@ -89,7 +89,8 @@ def descriptions_to_embed(settings: Settings) -> list[str]:
 
 def copurchase_rows(settings: Settings) -> set[tuple[str, str, int]]:
     with get_engine(settings).connect() as conn:
-        return set(conn.execute(text("SELECT stock_code, other_stock_code, invoices FROM copurchase")).tuples())
+        rows = conn.execute(text("SELECT stock_code, other_stock_code, invoices FROM copurchase")).all()
+    return {tuple(row) for row in rows}
 
 
 def full_copurchase_refresh(settings: Settings) -> float:

@@ -1,16 +1,20 @@
-"""End-to-end job throughput: submit → real Celery worker → succeeded. Prints JSON.
+"""End-to-end job throughput: submit → real Celery worker → succeeded, against a no-op Celery task. Prints JSON.
 
-    python bench/jobs.py [--retrieval-jobs 1000] [--llm-jobs 100] [--llm-ranker llm-verbalizer]
-                         [--llm-batch-sizes 1,8] [--skip-llm]
+    python bench/jobs.py [--retrieval-jobs 1000] [--concurrency 1,2] [--llm-jobs 100]
+                         [--llm-ranker llm-verbalizer] [--llm-batch-sizes 1,8] [--skip-llm]
 
-Scenarios: `retrieval` jobs (the worker's batch size from RECSYS_BATCH_SIZE, default 32), then
-jobs with the packaged Gemma ranker (`--llm-ranker`, default `llm-verbalizer`), once per batch
-size, each with a fresh worker (`celery -A worker.app worker`, prefork, one child). Every request is distinct (customer,
-query), so nothing is answered from the cache. For each: jobs/s from the first submit to the last
-finished job, submit→succeeded p50/p95 from the jobs table, and how many jobs were lost (not
-succeeded when all should be: must be 0). It uses its own database (`recsys_bench_jobs`, loaded
-with the bundled file on first use) and its own Valkey on a free port. Load average is reported
-because the cores are shared.
+Ceiling: bench/noop_worker.py, a task that does nothing, on the same broker with the same worker
+settings (prefork, acks late, reject on a lost worker, prefetch 1), sent from as many threads and
+waited for the same way. For each worker size in `--concurrency` (processes), the no-op run and the
+`retrieval` run (the worker's batch size from RECSYS_BATCH_SIZE, default 32) follow each other, each
+with a fresh worker, so the ratio holds on a shared, loaded machine. Goal (issue 16): retrieval
+jobs/s ≥ 50% of the no-op's, 0 lost; and 2 processes against 1.
+Then, unless --skip-llm, jobs with the packaged Gemma ranker (`--llm-ranker`, default `llm-verbalizer`),
+once per batch size. Every request is distinct (customer, query), so nothing is answered from the
+cache. For each: jobs/s from the first submit to the last finished job, submit→succeeded p50/p95 from
+the jobs table, and how many jobs were lost (not succeeded when all should be: must be 0). It uses
+its own database (`recsys_bench_jobs`, loaded with the bundled file on first use) and its own Valkey
+on a free port. Load averages are reported because the cores are shared.
 """
 
 from __future__ import annotations
@@ -18,20 +22,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
-from common import clear_jobs, free_port, loaded_database
+from common import clear_jobs, free_port, load_average, loaded_database, machine, ratio
 from sqlalchemy import text
 from support import workers
 
 from recsys import jobs
+from recsys.cli.jobs import worker_argv
 from recsys.config import Settings
 from recsys.platform import embedded
 from recsys.platform.db import dispose_engines, get_engine
@@ -75,13 +82,89 @@ def rate(count: int, seconds: float) -> float:
     return round(value, 3 if value < 10 else 1)
 
 
-def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str, str], args, log_dir: Path) -> dict:
+def noop_config(broker_url: str) -> dict:
+    """worker.app's settings that JSON can carry (queues, routes and beat aside), pointed at the bench broker."""
+    from worker.app import app
+
+    skipped = {"task_queues", "task_routes", "beat_schedule", "include", "imports", "task_default_queue"}
+    config = {}
+    for key, value in app.conf.changes.items():
+        if key in skipped:
+            continue
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        config[key] = value
+    return config | {"broker_url": broker_url, "result_backend": broker_url}
+
+
+def run_noop(settings: Settings, count: int, concurrency: int, args, log_dir: Path) -> dict:
+    """`count` no-op tasks sent from `--submit-threads` threads to a fresh no-op worker, until all are done."""
+    import redis
+    from celery import Celery
+    from noop_worker import QUEUE, TASK
+
+    redis.Redis.from_url(settings.celery_broker_url).flushall()
+    config = noop_config(settings.celery_broker_url)
+    argv = worker_argv(settings, concurrency=concurrency, pool=args.pool, queues=QUEUE, beat=False,
+                       name=f"bench-noop-{os.getpid()}-{time.monotonic_ns()}@%h", loglevel="WARNING")
+    argv[argv.index("worker.app")] = "noop_worker"
+    bench_dir = str(Path(__file__).resolve().parent)
+    env = workers.worker_env(settings, RECSYS_LOG_LEVEL="WARNING", BENCH_NOOP_CONF=json.dumps(config),
+                             PYTHONPATH=os.pathsep.join(filter(None, [bench_dir, os.environ.get("PYTHONPATH")])))
+    client = Celery("bench_noop_client")
+    client.conf.update(config)
+    log = open(log_dir / f"noop-{time.monotonic_ns()}.log", "ab")  # noqa: SIM115  (closed below)
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for warm in [client.send_task(TASK, args=[-1 - i], queue=QUEUE) for i in range(concurrency)]:
+            warm.get(timeout=300)
+        load_before = load_average()
+        started = datetime.now(UTC)
+        with ThreadPoolExecutor(args.submit_threads) as pool:
+            sent = list(pool.map(lambda n: client.send_task(TASK, args=[n], queue=QUEUE), range(count)))
+        submitted = datetime.now(UTC)
+        succeeded, finished = 0, []
+        for result in sent:
+            try:
+                result.get(timeout=args.timeout)
+            except Exception:  # noqa: BLE001  (a lost or failed task is counted, not raised)
+                continue
+            succeeded += 1
+            done = result.date_done
+            if isinstance(done, str):
+                done = datetime.fromisoformat(done)
+            finished.append(done if done.tzinfo else done.replace(tzinfo=UTC))
+        load_after = load_average()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        client.close()
+    span = (max(finished) - started).total_seconds() if finished else None
+    return {
+        "tasks": count,
+        "succeeded": succeeded,
+        "lost": count - succeeded,
+        "submit_seconds": round((submitted - started).total_seconds(), 2),
+        "end_to_end_seconds": round(span, 2) if span else None,
+        "tasks_per_second": rate(succeeded, span) if span else None,
+        "load_average_1m": [load_before[0], load_after[0]],
+    }
+
+
+def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str, str], args, log_dir: Path,
+                 concurrency: int = 1) -> dict:
     clear_jobs(settings)
     import redis
 
     redis.Redis.from_url(settings.celery_broker_url).flushall()
     worker = start_worker(settings, log_dir / f"worker-{len(list(log_dir.iterdir()))}.log", args.pool,
-                          args.concurrency, **worker_env)
+                          concurrency, **worker_env)
     try:
         worker.wait_ready()
         load_before = os.getloadavg()[0]
@@ -131,6 +214,7 @@ def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--retrieval-jobs", type=int, default=1000)
+    parser.add_argument("--noop-tasks", type=int, default=None, help="default: as many as --retrieval-jobs")
     parser.add_argument("--retrieval-batch-size", type=int, default=None, help="default RECSYS_BATCH_SIZE")
     parser.add_argument("--llm-jobs", type=int, default=100)
     parser.add_argument("--llm-batch-sizes", default="1,8")
@@ -139,7 +223,7 @@ def main() -> None:
     parser.add_argument("--submit-threads", type=int, default=4, help="like a web server's request threads")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one scenario")
     parser.add_argument("--pool", default="prefork", choices=["prefork", "solo"])
-    parser.add_argument("--concurrency", type=int, default=1, help="worker processes (prefork children)")
+    parser.add_argument("--concurrency", default="1,2", help="worker processes (prefork children), comma-separated")
     args = parser.parse_args()
 
     base = Settings.from_env()
@@ -148,25 +232,40 @@ def main() -> None:
     broker = Settings(home=home, broker_port=free_port())
     embedded.start_broker(broker)
     settings = bench.with_(broker_port=broker.broker_port, broker_url=broker.celery_broker_url)
+    sizes = [int(size) for size in args.concurrency.split(",")]
     report: dict = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "worker": f"celery {args.pool}, concurrency {args.concurrency}",
+        "machine": machine(),
+        "worker": f"celery {args.pool}, acks late, prefetch 1, processes {sizes}",
+        "baseline": "bench/noop_worker.py: a task that does nothing, same broker and worker settings",
         "submit_threads": args.submit_threads,
     }
     try:
         batch = args.retrieval_batch_size or settings.batch_size
-        report["retrieval"] = run_scenario(
-            settings, workload(settings, args.retrieval_jobs, "retrieval", 1),
-            {"RECSYS_BATCH_SIZE": str(batch)}, args, home,
-        ) | {"batch_size": batch}
+        requests = workload(settings, args.retrieval_jobs, "retrieval", 1)
+        for size in sizes:
+            noop = run_noop(settings, args.noop_tasks or args.retrieval_jobs, size, args, home)
+            retrieval = run_scenario(settings, requests, {"RECSYS_BATCH_SIZE": str(batch)}, args, home,
+                                     concurrency=size) | {"batch_size": batch}
+            report[f"processes_{size}"] = {
+                "noop": noop,
+                "retrieval": retrieval,
+                "retrieval_share_of_noop": ratio(retrieval["jobs_per_second"], noop["tasks_per_second"]),
+                "goal_share_of_noop": 0.5,
+            }
+        if len(sizes) > 1:
+            first, last = report[f"processes_{sizes[0]}"], report[f"processes_{sizes[-1]}"]
+            report[f"processes_{sizes[-1]}_vs_{sizes[0]}"] = {
+                "retrieval": ratio(last["retrieval"]["jobs_per_second"], first["retrieval"]["jobs_per_second"], 2),
+                "noop": ratio(last["noop"]["tasks_per_second"], first["noop"]["tasks_per_second"], 2),
+            }
         if not args.skip_llm:
             from recsys.llm.acquisition import prepare_model
 
             prepare_model(settings)
-            requests = workload(settings, args.llm_jobs, args.llm_ranker, 2)
+            llm_requests = workload(settings, args.llm_jobs, args.llm_ranker, 2)
             for size in [int(s) for s in args.llm_batch_sizes.split(",")]:
                 report[f"{args.llm_ranker}_batch_{size}"] = run_scenario(
-                    settings, requests, {"RECSYS_BATCH_SIZE": str(size), "RECSYS_RANKER": args.llm_ranker},
+                    settings, llm_requests, {"RECSYS_BATCH_SIZE": str(size), "RECSYS_RANKER": args.llm_ranker},
                     args, home,
                 ) | {"batch_size": size, "model": settings.llm_model}
     finally:
@@ -174,6 +273,7 @@ def main() -> None:
         dispose_engines()
         embedded.stop_broker(broker)
         shutil.rmtree(home, ignore_errors=True)
+    report["machine"]["load_average_end"] = load_average()
     print(json.dumps(report, indent=2))
 
 
