@@ -37,6 +37,16 @@ if _json_logging:
     logconfig_dict = _json_logging
 
 
+def on_starting(server):
+    """Read the query encoder's weights once in the master, before it listens and forks: every worker shares
+    them (copy-on-write) and starts with them loaded. Nothing runs in the master (no BLAS or tokenizer
+    threads before the fork); each worker's warm-up below does the first encoding."""
+    from recsys.catalog.embedding import resolve_model_path
+    from recsys.catalog.query_encoder import light_encoder_for
+
+    light_encoder_for(resolve_model_path(Settings.from_env().embedding_model))
+
+
 def post_worker_init(worker):
     """Warm each web process as it starts (web.health.start_warm_up); /health says "warming" until it is done."""
     from web import health
