@@ -96,6 +96,9 @@ def prepare(settings: Settings, data_path: str) -> None:
     embedded = embed_products(settings)
     if embedded.embedded:
         click.echo(f"  embedded {embedded.embedded:,} products in {embedded.seconds:.1f} s")
+    from recsys.cli.train import train_when_missing
+
+    train_when_missing(settings)
     summary = stats(settings)
     click.echo(
         f"catalog: {summary['purchases']:,} purchases, {summary['customers']:,} customers, "
