@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from recsys.cli.common import SERVICE_FAILURE, emit, ensure_database, fail, json_option
 
@@ -22,6 +21,8 @@ def ingest(path: Path, as_json: bool) -> None:
     if not path.is_file():
         fail(f"no such file: {path}")
     settings = ensure_database()
+    from tqdm import tqdm
+
     with tqdm(total=len(INGEST_STAGES), desc=f"ingest {path.name}", unit="step", disable=None) as bar:
 
         def step(stage: str) -> None:
@@ -56,6 +57,8 @@ def embed(as_json: bool) -> None:
     from recsys.catalog.embedding import EmbeddingError, embed_products
 
     settings = ensure_database()
+    from tqdm import tqdm
+
     bar = tqdm(desc=f"embed ({settings.embedding_model})", unit="product", disable=None)
 
     def progress(done: int, total: int) -> None:
