@@ -259,6 +259,7 @@ def main() -> None:
     argv = gunicorn_argv(settings, args.workers, args.threads)
     baseline_port = free_port()
     baseline_argv = [*argv[:-1], "baseline_app:create_app()"]
+    baseline_argv[baseline_argv.index("--config") + 1] = "python:baseline_gunicorn"
     baseline_argv[baseline_argv.index("--bind") + 1] = f"127.0.0.1:{baseline_port}"
     bodies_path = scratch / "baseline_bodies.json"
     baseline_env = env | {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
