@@ -79,6 +79,8 @@ class Product(Base):
             postgresql_ops={"embedding": "vector_cosine_ops"},
         ),
         Index("ix_products_search_tsv", "search_tsv", postgresql_using="gin"),
+        # the catalog version in every result-cache key: count and max read by an index-only scan
+        Index("ix_products_embedded_at", "embedded_at"),
     )
 
 
