@@ -103,6 +103,7 @@ def submit_job(kind_name: str, payload, settings: Settings, *, idempotency_key: 
             {"key": key},
         ).one_or_none()
         if hit is not None:
+            cache.record_hit(settings)  # the dashboard's hit rate counts every kind's hits and jobs
             return SubmitOutcome(job_id=hit.job_id, status="succeeded", result=hit.result, cached=True, created=False)
         job_id = uuid.uuid4()
         inserted = conn.execute(
