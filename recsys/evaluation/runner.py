@@ -228,7 +228,7 @@ def learned_models(
     from recsys.rankers.learned import ModelFileError, model_path, read_model
     from recsys.rankers.training import train_ranker
 
-    folder = settings.home / "eval" / f"models-before-{cutoff:%Y%m%d}"
+    folder = settings.models_dir / f"eval-before-{cutoff:%Y%m%d}"
     trained = settings.with_(model_cache=folder)
     metadata = {}
     for variant in variants:
