@@ -41,50 +41,19 @@ class SubmitOutcome:
 def submit_recommendation(
     payload: dict, settings: Settings, *, idempotency_key: str | None = None
 ) -> SubmitOutcome:
-    """Validate, answer from the cache, or record a queued job and send it to the worker.
-
-    Bad input raises RequestError and writes nothing. A repeated idempotency key returns the
-    job it first created (`created=False`); the same key with a different request is an error.
-    A broker that is down is logged, not raised: the job stays queued for the sweeper.
-    """
+    """A recommendation job, with the request's ranker filled in from settings: see `submit_job`."""
     request = RecommendationRequest.from_dict(payload).with_defaults(settings)
-    check_idempotency_key(idempotency_key)
-    stored_request = request.as_dict()
-    with get_engine(settings).begin() as conn:
-        if idempotency_key is not None:
-            existing = _existing_for_key(conn, idempotency_key, stored_request)
-            if existing is not None:
-                return existing
-        key = cache.cache_key(conn, request, settings)
-        hit = cache.lookup(conn, key)
-        if hit is not None:
-            cache.record_hit(settings)
-            return SubmitOutcome(job_id=hit.job_id, status="succeeded", result=hit.result, cached=True, created=False)
-        job_id = uuid.uuid4()
-        inserted = conn.execute(
-            text(
-                """
-                INSERT INTO jobs (id, kind, status, request, cache_key, idempotency_key, sent_at)
-                VALUES (:id, :kind, 'queued', CAST(:request AS jsonb), :cache_key, :idem, now())
-                ON CONFLICT (idempotency_key) DO NOTHING
-                RETURNING id
-                """
-            ),
-            {"id": job_id, "kind": RECOMMENDATION, "request": dumps(stored_request), "cache_key": key,
-             "idem": idempotency_key},
-        ).scalar_one_or_none()
-        if inserted is None:
-            existing = _existing_for_key(conn, idempotency_key, stored_request)
-            if existing is not None:
-                return existing
-            raise RuntimeError(f"job with idempotency key {idempotency_key!r} vanished while submitting")
-    send_job(job_id, settings, sent_at_recorded=True)
-    return SubmitOutcome(job_id=job_id, status="queued", result=None, cached=False, created=True)
+    return submit_job(RECOMMENDATION, request, settings, idempotency_key=idempotency_key)
 
 
 def submit_job(kind_name: str, payload, settings: Settings, *, idempotency_key: str | None = None) -> SubmitOutcome:
-    """`submit_recommendation` for any job kind (recsys.jobs.kinds): validate, answer from the cache with
-    the job that made the answer, or record a queued job of that kind and send its message."""
+    """Validate, answer from the cache, or record a queued job of this kind (recsys.jobs.kinds) and send it.
+
+    Bad input raises RequestError and writes nothing. A cache hit answers with the job that made
+    the answer. A repeated idempotency key returns the job it first created (`created=False`); the
+    same key with a different request is an error. A broker that is down is logged, not raised:
+    the job stays queued for the sweeper.
+    """
     from recsys.jobs.kinds import job_kind
 
     kind = job_kind(kind_name)
@@ -97,11 +66,7 @@ def submit_job(kind_name: str, payload, settings: Settings, *, idempotency_key: 
             if existing is not None:
                 return existing
         key = kind.cache_key(conn, request, settings)
-        hit = conn.execute(
-            text("UPDATE result_cache SET hits = hits + 1, last_hit_at = now() WHERE cache_key = :key "
-                 "RETURNING result, job_id"),
-            {"key": key},
-        ).one_or_none()
+        hit = cache.lookup(conn, key)
         if hit is not None:
             cache.record_hit(settings)  # the dashboard's hit rate counts every kind's hits and jobs
             return SubmitOutcome(job_id=hit.job_id, status="succeeded", result=hit.result, cached=True, created=False)
