@@ -248,34 +248,39 @@ def read_features(
                 else:
                     bare_values[(req, code)] = tuple(_number(v) for v in values[: len(_BARE_COLUMNS)])
     missing = math.nan
-    defaults = dict.fromkeys(names, missing)
+    bare_defaults = dict(_EVIDENCE_DEFAULTS, repeat_score=missing)  # not computed for candidates without evidence
     matrices = []
     for index, request in enumerate(requests):
+        candidates = request.candidates
+        count = len(candidates)
+        evidence = [
+            c.evidence or dict(zip(_BARE_COLUMNS, bare_values.get((index, c.stock_code), ()), strict=False))
+            for c in candidates
+        ]
+        defaults = [_EVIDENCE_DEFAULTS if c.evidence else bare_defaults for c in candidates]
+        sources = [candidate_sources(c, position) for position, c in enumerate(candidates)]
         days_since, purchases = customer_values.get(index, (missing, missing))
-        scores = llm_scores[index] if llm_scores is not None else None
-        request_values = {"has_query": 1.0 if request.query else 0.0, "history_items": float(len(request.history)),
-                          "days_since_last_purchase": days_since, "customer_purchases": purchases}
-        rows = []
-        for position, candidate in enumerate(request.candidates):
-            values = dict(defaults)
-            values.update(request_values)
-            values["price"] = prices.get(candidate.stock_code, missing)
-            evidence = candidate.evidence
-            if evidence:
-                for name, default in _EVIDENCE_DEFAULTS.items():
-                    value = evidence.get(name)
-                    values[name] = default if value is None or isinstance(value, str) else float(value)
-            else:
-                values.update(zip(_BARE_COLUMNS, bare_values.get((index, candidate.stock_code), ()), strict=False))
-            sources = candidate_sources(candidate, position)
-            for source in SOURCES:
-                rank = sources.get(source)
-                values[f"in_{source}"] = 0.0 if rank is None else 1.0
-                if rank is not None:
-                    values[f"{source}_rank"] = float(rank)
-            values["source_count"] = float(sum(1 for source in SOURCES if source in sources))
-            if scores is not None and candidate.stock_code in scores:
-                values[LLM_FEATURE] = scores[candidate.stock_code]
-            rows.append([values[name] for name in names])
-        matrices.append(np.array(rows, dtype=np.float32).reshape(len(rows), len(names)))
+        columns: dict[str, object] = {
+            "has_query": 1.0 if request.query else 0.0,
+            "history_items": float(len(request.history)),
+            "days_since_last_purchase": days_since,
+            "customer_purchases": purchases,
+            "price": [prices.get(c.stock_code, missing) for c in candidates],
+            "source_count": [float(sum(1 for source in SOURCES if source in found)) for found in sources],
+        }
+        for name in _EVIDENCE_DEFAULTS:
+            columns[name] = [
+                default[name] if (value := found.get(name)) is None or isinstance(value, str) else value
+                for found, default in zip(evidence, defaults, strict=True)
+            ]
+        for source in SOURCES:
+            columns[f"{source}_rank"] = [found.get(source, missing) for found in sources]
+            columns[f"in_{source}"] = [1.0 if source in found else 0.0 for found in sources]
+        if llm_scores is not None:
+            scores = llm_scores[index] or {}
+            columns[LLM_FEATURE] = [scores.get(c.stock_code, missing) for c in candidates]
+        matrix = np.empty((count, len(names)), dtype=np.float32)
+        for position, name in enumerate(names):
+            matrix[:, position] = columns[name]
+        matrices.append(matrix)
     return BatchFeatures(names=names, matrices=matrices)
