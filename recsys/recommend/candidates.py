@@ -113,6 +113,7 @@ class BestSellers:
     customers: Mapping[str, int]  # customers in the last POPULAR_DAYS days
     all_time: Mapping[str, int]  # customers ever (before as_of)
     non_products: frozenset[str]  # codes never recommended (postage, fees)
+    reference: datetime  # as_of, or the newest purchase: what "days since" and "the last 30 days" count from
 
     @cached_property
     def position(self) -> dict[str, int]:
@@ -127,6 +128,7 @@ class Neighbours:
 
     def __init__(self, marker: tuple) -> None:
         self.marker = marker
+        self.checked_at = 0.0
         self.codes: list[str] = []
         self.index: dict[str, int] = {}
         self.partners: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # code -> (partner ids, invoices)
@@ -170,6 +172,9 @@ _cache_lock = threading.Lock()
 _PURCHASES_MARKER = text("SELECT max(id) AS newest FROM purchases")
 _COPURCHASE_MARKER = text(
     "SELECT max(id) AS run, max(finished_at) AS finished FROM ingest_runs WHERE status = 'succeeded'"
+)
+_REFERENCE = text(
+    "SELECT coalesce(CAST(:as_of AS timestamp), max(last_purchase_at), localtimestamp) FROM customers"
 )
 _BEST_SELLERS = text(
     f"""
@@ -216,7 +221,7 @@ def best_sellers(settings: Settings, as_of: datetime | None = None) -> BestSelle
         marker = (row.newest,)
         if cached is not None and cached.marker == marker:
             fresh = BestSellers(marker, time.monotonic(), cached.codes, cached.customers, cached.all_time,
-                                cached.non_products)
+                                cached.non_products, cached.reference)
         else:
             rows = conn.execute(_BEST_SELLERS, {"as_of": as_of}).all()
             ranked = sorted((r for r in rows if r.recent), key=lambda r: (-r.recent, r.stock_code))
@@ -227,6 +232,7 @@ def best_sellers(settings: Settings, as_of: datetime | None = None) -> BestSelle
                 {r.stock_code: int(r.recent) for r in ranked},
                 {r.stock_code: int(r.ever) for r in rows},
                 frozenset(conn.execute(text("SELECT stock_code FROM products WHERE is_non_product")).scalars()),
+                conn.execute(_REFERENCE, {"as_of": as_of}).scalar_one(),
             )
     with _cache_lock:
         _cache[key] = fresh
@@ -238,14 +244,18 @@ def copurchase_neighbours(settings: Settings, codes: Sequence[str]) -> Neighbour
     view; forgotten after an ingest, which refreshes the view."""
     engine = get_engine(settings)
     key = ("neighbours", str(engine.url))
+    cached = _cache.get(key)
+    if (cached is not None and time.monotonic() - cached.checked_at < POPULAR_REFRESH_SECONDS
+            and not set(codes) - cached.partners.keys()):
+        return cached
     with engine.connect() as conn:
         row = conn.execute(_COPURCHASE_MARKER).one()
         marker = (row.run, row.finished)
-        cached = _cache.get(key)
         if cached is None or cached.marker != marker:
             cached = Neighbours(marker)
             with _cache_lock:
                 _cache[key] = cached
+        cached.checked_at = time.monotonic()
         cached.read(conn, codes)
     return cached
 
@@ -318,7 +328,7 @@ _RECENT = text(
 _CANDIDATES = text(
     """
     WITH ref AS (
-        SELECT coalesce(CAST(:as_of AS timestamp), max(last_purchase_at), localtimestamp) AS at FROM customers
+        SELECT CAST(:reference AS timestamp) AS at
     ),
     req AS (
         SELECT r.ord, r.customer_id, r.exclude, r.query_text,
@@ -488,6 +498,7 @@ def candidates_batch(
         "vector_quota": share["vector"],
         "repeat_quota": share["repeat"],
         "non_products": list(popular.non_products),
+        "reference": popular.reference,
     }
     with get_engine(settings).begin() as conn:
         conn.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"), {"ef": str(settings.ef_search)})
