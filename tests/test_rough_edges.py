@@ -60,6 +60,13 @@ def test_the_urls_services_env_prints_still_name_the_embedded_services(db, runne
     assert len(lines) == 2 and all(" running " in line and " embedded " in line for line in lines), lines
 
 
+def _cmdline(proc_dir: Path) -> str:
+    try:
+        return (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _up_env(home: Path, broker_port: int, web_port: int) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items()
            if key not in ("DATABASE_URL", "CELERY_BROKER_URL") and not key.startswith("RECSYS_")}
@@ -114,6 +121,8 @@ def test_up_stops_what_it_started_or_found_running_from_its_home(tmp_path, sampl
     assert proc.returncode == 0, rest
     assert "stopped broker, postgres" in rest
     assert not embedded.postgres_status(settings).running and not embedded.broker_status(settings).running
+    leftovers = [p for p in Path("/proc").glob("[0-9]*") if str(home) in _cmdline(p)]
+    assert leftovers == []  # no worker pool process or web process outlives up
 
 
 

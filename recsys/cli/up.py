@@ -9,6 +9,7 @@ The URLs are printed once the web processes answer and are warm, so the first re
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from recsys.config import Settings, get_settings
 
 BUNDLED_DATA = "data/online_retail.csv.gz"
 WEB_READY_SECONDS = 180
+# A worker finishing its batch (or still loading its models on a loaded machine) gets this long to stop.
+STOP_SECONDS = 60
 
 
 def serving_processes(settings: Settings) -> list[tuple[str, list[str]]]:
@@ -119,7 +122,9 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    children = {name: subprocess.Popen(argv) for name, argv in serving_processes(settings)}
+    # Each child leads its own process group, so that a worker's pool processes go with it when it has to
+    # be killed (a killed Celery main process leaves its pool children running otherwise).
+    children = {name: subprocess.Popen(argv, start_new_session=True) for name, argv in serving_processes(settings)}
     try:
         wait_for_web(settings, children["web"])
         admin = web_url(settings)
@@ -137,9 +142,10 @@ def serve(settings: Settings) -> int:
                 proc.terminate()
         for proc in children.values():
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=STOP_SECONDS)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     return max(stopping)
 
 
