@@ -269,11 +269,12 @@ def test_customer_history(client, loaded_db, auth_headers):
 
 
 def test_feedback_is_validated_and_stored(client, loaded_db, auth_headers):
-    event = {"event": "clicked", "stock_code": "22224", "customer_id": 15781, "job_id": str(uuid.uuid4()),
-             "position": 2}
+    event = {"event": "clicked", "stock_code": "22224", "customer_id": 15781, "position": 2}
     response = client.post("/api/v1/feedback", json=event, headers=auth_headers)
     assert response.status_code == 201
     assert response.get_json()["event"] == "clicked" and response.get_json()["id"]
+    unknown_job = client.post("/api/v1/feedback", json={**event, "job_id": str(uuid.uuid4())}, headers=auth_headers)
+    assert unknown_job.status_code == 404, "an event about a job must name a job that exists"
     for bad in (
         {**event, "event": "liked"},
         {**event, "stock_code": "NOPE"},
