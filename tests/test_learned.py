@@ -119,7 +119,10 @@ def test_training_learns_the_deciding_feature_and_beats_retrieval(shop, tmp_path
     metadata = train_ranker(settings, cutoff=CUTOFF, feature_settings=inner.with_(model_cache=settings.model_cache))
     assert metadata["inner_cutoff"].startswith(INNER_CUTOFF.date().isoformat())
     assert metadata["data"]["label_customers"] == len(TRAIN_CUSTOMERS)
-    assert max(metadata["importances"], key=metadata["importances"].get) in ("times_bought", "days_since_bought")
+    # how often the customer bought the candidate, in whichever form: the candidate stage's repeat score or
+    # rank, or the invoice count and recency
+    assert max(metadata["importances"], key=metadata["importances"].get) in (
+        "repeat_score", "repeat_rank", "times_bought", "days_since_bought")
     assert Path(metadata["path"]) == model_path(settings, "learned")
 
     learned = _first_place_rate(settings, "learned", favourites)
