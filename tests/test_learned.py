@@ -295,16 +295,3 @@ def test_the_api_answers_400_naming_the_command_when_no_model_is_trained(db, bro
     assert "recsys train ranker" in response.get_json()["error"]["message"]
     with get_engine(db).connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 0
-
-
-def test_the_evaluation_reuses_a_model_trained_for_its_cutoff(tmp_path):
-    from recsys.config import Settings
-    from recsys.rankers.training import model_for_cutoff
-
-    settings = Settings(home=tmp_path)
-    scoped_cache = tmp_path / "eval" / "models" / "cutoff-20111101-000000"
-    write_model(scoped_cache / "rankers" / "learned.json", _tiny_booster(FEATURES),
-                {"variant": "learned", "features": list(FEATURES), "cutoff": "2011-11-01 00:00:00"})
-    scoped = model_for_cutoff(settings, "2011-11-01")
-    assert scoped.models_dir == scoped_cache
-    assert read_model(model_path(scoped, "learned"), "learned").metadata["cutoff"] == "2011-11-01 00:00:00"

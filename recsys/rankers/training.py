@@ -395,26 +395,3 @@ def train_ranker(
     version = write_model(path, booster, metadata)
     log.info("trained %s: validation %s; wrote %s", variant, metadata["metrics"]["validation"], path)
     return metadata | {"version": version, "path": str(path)}
-
-
-def model_for_cutoff(
-    settings: Settings, cutoff: datetime | str, variant: str = "learned", *,
-    snapshot: SnapshotBuilder | None = None, progress: ProgressFactory = no_progress, llm_model=None,
-    **options,
-) -> Settings:
-    """Settings whose model cache holds a `variant` model trained only on purchases before `cutoff`
-    (for the evaluation: the production model may have seen its answers). Trained once per cutoff into
-    `<home>/eval/models/cutoff-<date>` and reused while its metadata names the same cutoff."""
-    from recsys.rankers.learned import ModelFileError, read_model
-
-    end = _timestamp(cutoff)
-    scoped = settings.with_(model_cache=settings.home / "eval" / "models" / f"cutoff-{end:%Y%m%d-%H%M%S}")
-    try:
-        if read_model(model_path(scoped, variant), variant).metadata.get("cutoff") == end.isoformat(sep=" "):
-            return scoped
-    except ModelFileError:
-        pass
-    train_ranker(scoped, variant=variant, cutoff=end, snapshot=snapshot, progress=progress, llm_model=llm_model,
-                 **options)
-    return scoped
-
