@@ -83,7 +83,7 @@ def test_an_unchanged_file_is_recorded_without_being_loaded_again(db, engine, tm
     assert again.purchases_total == first.purchases_total
     with engine.connect() as conn:
         runs = conn.execute(text("SELECT status, rows_new, details ->> 'sha256' FROM ingest_runs ORDER BY id")).all()
-    assert [run.status for run in runs] == ["succeeded", "succeeded"] and runs[0][2] == runs[1][2] == again.sha256
+    assert [run.status for run in runs] == ["succeeded", "unchanged"] and runs[0][2] == runs[1][2] == again.sha256
     path.write_text(path.read_text() + line("D1", "10001", 5))
     changed = ingest_file(path, db)
     assert changed.unchanged_since_run is None and changed.rows_new == 1
