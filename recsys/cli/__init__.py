@@ -7,7 +7,7 @@ import warnings
 
 import click
 
-from recsys.cli import data, deploy, evaluate, jobs, llm, services, train, up, web
+from recsys.cli import data, deploy, discover, evaluate, jobs, llm, services, train, up, web
 from recsys.config import get_settings
 from recsys.platform import logs
 
@@ -23,7 +23,7 @@ def cli(verbose: bool) -> None:
     logs.use_format(logging.getLogger().handlers, settings)
 
 
-for module in (services, data, llm, jobs, up, web, evaluate, train, deploy):
+for module in (services, data, llm, jobs, discover, up, web, evaluate, train, deploy):
     module.register(cli)
 
 
