@@ -69,6 +69,26 @@ def _job_json(job: dict) -> dict:
     return {key: (str(value) if key == "id" else value) for key, value in job.items()}
 
 
+IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "required": False,
+                      "description": "Repeat a submission safely: the same key returns the same job.",
+                      "schema": IDEMPOTENCY_KEY.json_schema()}
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    return key.strip() if key is not None else None
+
+
+def _submission(outcome):
+    """200 with the result when the submit was answered (cache or a finished job), else 202 with the job to poll."""
+    job_id = str(outcome.job_id) if outcome.job_id else None
+    body = {"job_id": job_id, "status": outcome.status, "cached": outcome.cached, "created": outcome.created,
+            "status_url": url_for("api.get_job", job_id=job_id) if job_id else None}
+    if outcome.result is not None:
+        return jsonify({**body, "result": outcome.result}), 200
+    return jsonify(body), 202, {"Location": body["status_url"]}
+
+
 @bp.post("/recommendations")
 @operation(
     summary="Ask for recommendations",
@@ -77,11 +97,7 @@ def _job_json(job: dict) -> dict:
         "Idempotency-Key seen before whose job has finished); otherwise enqueues a job and answers 202 with "
         "its id and a status URL (also in the Location header)."
     ),
-    parameters=[
-        {"name": "Idempotency-Key", "in": "header", "required": False,
-         "description": "Repeat a submission safely: the same key returns the same job.",
-         "schema": IDEMPOTENCY_KEY.json_schema()}
-    ],
+    parameters=[IDEMPOTENCY_HEADER],
     requestBody=request_body(RecommendationRequest),
     responses={
         "200": {"description": "Answered from the cache", "content": json_content(Submission)},
@@ -92,18 +108,12 @@ def _job_json(job: dict) -> dict:
 )
 def create_recommendation():
     asked = parse_body(RecommendationRequest)
-    idempotency_key = request.headers.get("Idempotency-Key")
-    if idempotency_key is not None:
-        idempotency_key = idempotency_key.strip()
-    outcome = jobs.submit_recommendation(asked, settings(), idempotency_key=idempotency_key)
-    job_id = str(outcome.job_id) if outcome.job_id else None
-    body = {"job_id": job_id, "status": outcome.status, "cached": outcome.cached, "created": outcome.created,
-            "status_url": url_for("api.get_job", job_id=job_id) if job_id else None}
+    outcome = jobs.submit_recommendation(asked, settings(), idempotency_key=_idempotency_key())
     if outcome.result is not None:
         RECOMMENDATIONS.labels("cached" if outcome.cached else "finished").inc()
-        return jsonify({**body, "result": outcome.result}), 200
-    RECOMMENDATIONS.labels("enqueued").inc()
-    return jsonify(body), 202, {"Location": body["status_url"]}
+    else:
+        RECOMMENDATIONS.labels("enqueued").inc()
+    return _submission(outcome)
 
 
 @bp.post("/discover")
@@ -115,11 +125,7 @@ def create_recommendation():
         "(3 shown, the rest kept as extras that replace a product reported purchased). Answers 200 with the "
         "result when the same request was answered before, else 202 with the job to poll at status_url."
     ),
-    parameters=[
-        {"name": "Idempotency-Key", "in": "header", "required": False,
-         "description": "Repeat a submission safely: the same key returns the same job.",
-         "schema": IDEMPOTENCY_KEY.json_schema()}
-    ],
+    parameters=[IDEMPOTENCY_HEADER],
     requestBody=request_body(DiscoverRequest),
     responses={
         "200": {"description": "Answered from the cache", "content": json_content(DiscoverSubmission)},
@@ -130,15 +136,8 @@ def create_recommendation():
 )
 def create_discover():
     asked = parse_body(DiscoverRequest)
-    idempotency_key = request.headers.get("Idempotency-Key")
-    outcome = jobs.submit_discover(asked, settings(),
-                                   idempotency_key=idempotency_key.strip() if idempotency_key is not None else None)
-    job_id = str(outcome.job_id) if outcome.job_id else None
-    body = {"job_id": job_id, "status": outcome.status, "cached": outcome.cached, "created": outcome.created,
-            "status_url": url_for("api.get_job", job_id=job_id) if job_id else None}
-    if outcome.result is not None:
-        return jsonify({**body, "result": outcome.result}), 200
-    return jsonify(body), 202, {"Location": body["status_url"]}
+    outcome = jobs.submit_discover(asked, settings(), idempotency_key=_idempotency_key())
+    return _submission(outcome)
 
 
 @bp.get("/jobs/<job_id>")
