@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
+from recsys.platform.bulk import indexes_rebuilt_after
+
 DEFERRED_SETTING = "recsys.copurchase_deferred"
 
 
@@ -32,6 +34,11 @@ def rebuild_copurchase(conn: Connection) -> None:
     """Recompute both tables from every purchase (the same pairs the old materialized view held)."""
     conn.execute(text("SET LOCAL work_mem = '256MB'"))
     conn.execute(text("TRUNCATE copurchase, copurchase_singles"))
+    with indexes_rebuilt_after(conn, "copurchase"), indexes_rebuilt_after(conn, "copurchase_singles"):
+        _insert_all_pairs(conn)
+
+
+def _insert_all_pairs(conn: Connection) -> None:
     conn.execute(
         text(
             """

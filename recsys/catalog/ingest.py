@@ -24,6 +24,7 @@ from sqlalchemy import Connection, text
 
 from recsys.catalog.copurchase import count_new_purchases, defer_counting, rebuild_copurchase
 from recsys.config import Settings
+from recsys.platform.bulk import indexes_rebuilt_after
 from recsys.platform.db import get_engine
 
 log = logging.getLogger(__name__)
@@ -310,6 +311,22 @@ def _seconds_without_rebuild(started: float, report: IngestReport) -> float:
     return spent - report.copurchase_refresh_seconds if report.copurchase_mode == "rebuilt" else spent
 
 
+_INSERT_PURCHASES = """
+    INSERT INTO purchases (row_hash, invoice_no, stock_code, customer_id, description,
+                           quantity, unit_price, invoiced_at, country)
+"""
+_HASHED_STAGING = """
+    SELECT decode(md5(concat_ws('|', invoice_no, stock_code, description, quantity,
+                                unit_price, invoiced_at, customer_id, country)), 'hex') AS row_hash,
+           invoice_no, stock_code, customer_id, description, quantity, unit_price, invoiced_at, country
+    FROM staging_purchases
+"""
+# A row loaded before (same hash) is skipped: the unique index decides.
+_NEW_ROWS = f"{_HASHED_STAGING} ON CONFLICT (row_hash) DO NOTHING"
+# A first load has no index to decide with: one row per hash (rows equal once trimmed collapse, as before).
+_FIRST_LOAD_ROWS = f"SELECT DISTINCT ON (row_hash) * FROM ({_HASHED_STAGING}) hashed"
+
+
 def _load(conn: Connection, rows: pd.DataFrame, report: IngestReport, step: ProgressCallback) -> None:
     first_load = not conn.execute(text("SELECT EXISTS (SELECT 1 FROM purchases)")).scalar_one()
     defer_counting(conn)
@@ -346,19 +363,13 @@ def _load(conn: Connection, rows: pd.DataFrame, report: IngestReport, step: Prog
             """
         )
     )
-    insert = """
-        INSERT INTO purchases (row_hash, invoice_no, stock_code, customer_id, description,
-                               quantity, unit_price, invoiced_at, country)
-        SELECT decode(md5(concat_ws('|', invoice_no, stock_code, description, quantity,
-                                    unit_price, invoiced_at, customer_id, country)), 'hex'),
-               invoice_no, stock_code, customer_id, description, quantity, unit_price, invoiced_at, country
-        FROM staging_purchases
-        ON CONFLICT (row_hash) DO NOTHING
-    """
     if first_load:
-        report.rows_new = conn.execute(text(insert)).rowcount
+        # Into an empty table: its indexes and foreign keys are built once after the load, not row by row.
+        with indexes_rebuilt_after(conn, "purchases"):
+            report.rows_new = conn.execute(text(f"{_INSERT_PURCHASES} {_FIRST_LOAD_ROWS}")).rowcount
     else:
         conn.execute(text("CREATE TEMP TABLE new_purchase_ids (id bigint) ON COMMIT DROP"))
+        insert = f"{_INSERT_PURCHASES} {_NEW_ROWS}"
         report.rows_new = conn.execute(
             text(f"WITH inserted AS ({insert} RETURNING id) INSERT INTO new_purchase_ids SELECT id FROM inserted")
         ).rowcount
