@@ -9,6 +9,8 @@ does `submit_recommendation` inside the worker, for clients without database acc
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from celery import states
 
 from recsys import jobs
@@ -30,8 +32,7 @@ def rerank(self, job_id: str) -> dict | None:
         if self.request.retries >= MAX_INFRASTRUCTURE_RETRIES:
             raise
         raise self.retry(exc=exc, countdown=jobs.infrastructure_countdown(self.request.retries)) from exc
-    for other in outcome.others:
-        self.backend.store_result(other["job_id"], other, states.SUCCESS)
+    _store_answers(self.backend, outcome.others)
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
     summary = outcome.summary()
@@ -44,12 +45,47 @@ def _answered_by_a_batch(task, job_id: str) -> bool:
     """True when another message's batch already finished this job and stored its answer in the backend.
 
     A busy worker finishes most jobs inside the batch of an earlier message; their own messages
-    then only need acknowledging: one backend read instead of a database read and a second write.
+    then only need acknowledging: a memory lookup when this process ran the batch, else one backend
+    read, instead of a database read and a second write.
     """
+    if str(job_id) in _answered_here:
+        return True
     try:
         return task.backend.get_task_meta(str(job_id)).get("status") == states.SUCCESS
     except Exception:
         return False
+
+
+# Jobs this process finished in batches and stored in the backend, newest last (their messages follow soon).
+_answered_here: OrderedDict[str, None] = OrderedDict()
+ANSWERED_REMEMBERED = 4096
+
+
+def _store_answers(backend, answers: list[dict]) -> None:
+    """Store each finished job's summary as its task's result: with Redis in one round trip for the batch
+    (two per job through `store_result`), then remember them for `_answered_by_a_batch`."""
+    if not answers:
+        return
+    client = getattr(backend, "client", None)
+    if client is None or not hasattr(backend, "_get_result_meta"):
+        for answer in answers:
+            backend.store_result(answer["job_id"], answer, states.SUCCESS)
+    else:
+        with client.pipeline() as pipe:
+            for answer in answers:
+                meta = backend._get_result_meta(result=answer, state=states.SUCCESS, traceback=None, request=None)
+                meta["task_id"] = answer["job_id"]
+                key, value = backend.get_key_for_task(answer["job_id"]), backend.encode(meta)
+                if backend.expires:
+                    pipe.setex(key, backend.expires, value)
+                else:
+                    pipe.set(key, value)
+                pipe.publish(key, value)
+            pipe.execute()
+    for answer in answers:
+        _answered_here[answer["job_id"]] = None
+    while len(_answered_here) > ANSWERED_REMEMBERED:
+        _answered_here.popitem(last=False)
 
 
 @app.task(name=SUBMIT_TASK)
