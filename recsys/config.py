@@ -65,7 +65,7 @@ class Settings:
     model_cache: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
-    ranker: str = "copurchase"
+    ranker: str = "learned"
     max_candidates: int = 20
     verbalizer_permutations: int = 3
     batch_size: int = 32

@@ -89,6 +89,8 @@ def base_settings(test_home) -> Settings:
         home=test_home,
         db_name=TEMPLATE_DB,
         broker_port=free_port(),
+        # the built-in default (`learned`) needs a trained model; tests that want one train it themselves
+        ranker="retrieval",
         model_cache=Path(os.environ.get("RECSYS_TEST_MODEL_CACHE", Path.home() / ".cache" / "recsys-test-models")),
     )
     if EXTERNAL:

@@ -295,3 +295,18 @@ def test_the_api_answers_400_naming_the_command_when_no_model_is_trained(db, bro
     assert "recsys train ranker" in response.get_json()["error"]["message"]
     with get_engine(db).connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 0
+
+
+def test_the_default_ranker_is_learned_and_untrained_it_says_what_to_run(db, broker, tmp_path, api_key):
+    """The evaluation's winner is the built-in default; a request naming no ranker on a shop without a
+    trained model gets the same 400 as one naming `learned` (no silent fallback to another ranker)."""
+    from recsys.config import Settings
+    from web import create_app
+
+    assert Settings().ranker == "learned"
+    shop = db.with_(model_cache=tmp_path, ranker=Settings().ranker)
+    app = create_app(shop, {"TESTING": True, "API_KEY_CACHE_SECONDS": 0})
+    response = app.test_client().post("/api/v1/recommendations", json={"query": "lantern", "k": 3},
+                                      headers={"Authorization": f"Bearer {api_key}"})
+    assert response.status_code == 400
+    assert "recsys train ranker" in response.get_json()["error"]["message"]
