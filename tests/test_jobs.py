@@ -167,6 +167,36 @@ def test_a_new_purchase_changes_the_cache_key(loaded_db, flushed_broker):
     assert not again.cached and again.created
 
 
+def test_a_changed_catalog_changes_the_cache_key_and_other_product_updates_do_not(loaded_db):
+    """The catalog part of the key is one counter kept by a trigger on products (migration 0010)."""
+    from recsys.recommend.cache import cache_key
+    from recsys.recommend.request import RecommendationRequest
+
+    request = RecommendationRequest(**payload()).with_defaults(loaded_db)
+    engine = get_engine(loaded_db)
+
+    def key() -> str:
+        with engine.connect() as conn:
+            return cache_key(conn, request, loaded_db)
+
+    def run(statement: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(text(statement))
+
+    keys = [key()]
+    run("UPDATE products SET embedding = embedding, embedded_at = now() WHERE stock_code = '22086'")  # re-embedded
+    keys.append(key())
+    run("INSERT INTO products (stock_code, description) VALUES ('NEW1', 'A NEW PRODUCT')")
+    keys.append(key())
+    run("UPDATE products SET is_non_product = true WHERE stock_code = 'NEW1'")
+    keys.append(key())
+    run("DELETE FROM products WHERE stock_code = 'NEW1'")
+    keys.append(key())
+    assert len(set(keys)) == len(keys)
+    run("UPDATE products SET updated_at = now()")  # nothing a recommendation reads
+    assert key() == keys[-1]
+
+
 def test_concurrent_messages_run_a_job_once(loaded_db, flushed_broker):
     settings = loaded_db.with_(batch_size=1)
     job_id = jobs.submit_recommendation(payload(), settings=settings).job_id

@@ -1,0 +1,53 @@
+"""The catalog version as one row kept by a trigger, read in O(1) by every result-cache key.
+
+Each recommendation request's cache key held `count(embedded_at), max(embedded_at) FROM products`:
+an index-only scan over every product (0.69 ms of the 0.77 ms fingerprint query at 3,665 products,
+and linear in the catalog: a 1M-product shop would pay it on every cached answer). Now
+`catalog_version` holds one counter that `bump_catalog_version()` (sql/0010) increments after every
+statement that inserts, deletes or truncates products or updates their description, embedding,
+embedding model, embedding time or non-product flag. Issue 16 (cached POST throughput).
+
+Revision ID: 0010
+Revises: 0009
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+from recsys.platform.sql_objects import install_objects
+
+revision: str = "0010"
+down_revision: str | None = "0009"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+SQL_OBJECTS = ("bump_catalog_version",)
+TRIGGERS = {
+    "products_catalog_version_rows": "AFTER INSERT OR DELETE OR UPDATE OF description, embedding, embedding_model, "
+                                     "embedded_at, is_non_product",
+    "products_catalog_version_truncate": "AFTER TRUNCATE",
+}
+
+
+def upgrade() -> None:
+    op.create_table(
+        "catalog_version",
+        sa.Column("id", sa.SmallInteger(), primary_key=True),
+        sa.Column("version", sa.BigInteger(), nullable=False),
+        sa.Column("changed_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+        sa.CheckConstraint("id = 1", name="ck_catalog_version_one_row"),
+    )
+    op.execute("INSERT INTO catalog_version (id, version) VALUES (1, 1)")
+    install_objects(SQL_OBJECTS, revision)
+    for name, when in TRIGGERS.items():
+        op.execute(f"CREATE TRIGGER {name} {when} ON products FOR EACH STATEMENT "
+                   "EXECUTE FUNCTION bump_catalog_version()")
+
+
+def downgrade() -> None:
+    for name in TRIGGERS:
+        op.execute(f"DROP TRIGGER IF EXISTS {name} ON products")
+    install_objects(SQL_OBJECTS, down_revision)
+    op.drop_table("catalog_version")
