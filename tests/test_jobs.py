@@ -197,6 +197,20 @@ def test_a_changed_catalog_changes_the_cache_key_and_other_product_updates_do_no
     assert key() == keys[-1]
 
 
+def test_a_job_read_survives_its_pooled_connection_being_killed(loaded_db, flushed_broker):
+    """Job reads skip the check-out ping (one round trip instead of two): a connection found dead
+    is replaced and the read retried, so a database restart costs a reader nothing."""
+    job_id = jobs.submit_recommendation(payload(), settings=loaded_db).job_id
+    assert jobs.get_job(job_id, loaded_db)["status"] == "queued"  # the read pool now holds a connection
+    with get_engine(loaded_db).connect() as conn:
+        killed = conn.execute(text(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        )).scalar_one()
+    assert killed >= 1
+    assert jobs.get_job(job_id, loaded_db)["status"] == "queued"
+
+
 def test_concurrent_messages_run_a_job_once(loaded_db, flushed_broker):
     settings = loaded_db.with_(batch_size=1)
     job_id = jobs.submit_recommendation(payload(), settings=settings).job_id

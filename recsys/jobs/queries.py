@@ -8,7 +8,7 @@ from sqlalchemy import text
 
 from recsys.config import Settings
 from recsys.jobs.store import JOB_COLUMNS, job_dict, parse_job_id
-from recsys.platform.db import get_autocommit_engine, get_engine
+from recsys.platform.db import get_engine, read_once
 from recsys.platform.models import FINISHED_STATUSES, JOB_STATUSES
 from recsys.recommend import cache
 from recsys.recommend.request import RequestError
@@ -19,10 +19,9 @@ def get_job(job_id, settings: Settings) -> dict | None:
     parsed = parse_job_id(job_id)
     if parsed is None:
         return None
-    with get_autocommit_engine(settings).connect() as conn:
-        row = conn.execute(
-            text(f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE id = :id"), {"id": parsed}
-        ).one_or_none()
+    row = read_once(settings, lambda conn: conn.execute(
+        text(f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE id = :id"), {"id": parsed}
+    ).one_or_none())
     return job_dict(row) if row is not None else None
 
 
