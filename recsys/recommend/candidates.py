@@ -408,15 +408,19 @@ _CANDIDATES = text(
         HAVING min(nr) IS NOT NULL OR min(rr) IS NOT NULL OR bool_or(given)
     )
     SELECT c.ord, c.stock_code, p.description, c.nearest_rank, c.matches, c.repeat_rank,
-           1 - (p.embedding <=> s.v) AS retrieval_score,
-           1 - (p.embedding <=> s.query_vector) AS query_similarity,
-           1 - (p.embedding <=> CAST(h.v AS vector)) AS history_similarity,
+           -- the search vector is the query's or else the history's: its similarity is one of the two
+           CASE WHEN s.has_query THEN d.query_similarity ELSE d.history_similarity END AS retrieval_score,
+           d.query_similarity, d.history_similarity,
            c.repeat_score, c.times, extract(epoch FROM ref.at - c.last_at) / 86400.0 AS days_since_bought
     FROM cand c
     JOIN search s USING (ord)
     JOIN products p ON p.stock_code = c.stock_code
     CROSS JOIN ref
     LEFT JOIN hvec h ON h.customer_id = s.customer_id
+    CROSS JOIN LATERAL (
+        SELECT 1 - (p.embedding <=> s.query_vector) AS query_similarity,
+               1 - (p.embedding <=> CAST(h.v AS vector)) AS history_similarity
+    ) d
     ORDER BY c.ord, c.nearest_rank NULLS LAST, c.repeat_rank NULLS LAST, c.stock_code
     """
 )
@@ -493,8 +497,8 @@ def candidates_batch(
         "reference": popular.reference,
     }
     with get_engine(settings).begin() as conn:
-        conn.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"), {"ef": str(settings.ef_search)})
-        conn.execute(text("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)"))
+        conn.execute(text("SELECT set_config('hnsw.ef_search', :ef, true), "
+                          "set_config('hnsw.iterative_scan', 'relaxed_order', true)"), {"ef": str(settings.ef_search)})
         rows = conn.execute(_CANDIDATES, params).all()
 
     by_request: dict[int, list] = {}
