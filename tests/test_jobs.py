@@ -167,7 +167,7 @@ def test_a_new_purchase_changes_the_cache_key(loaded_db, flushed_broker):
     assert not again.cached and again.created
 
 
-def test_a_changed_catalog_changes_the_cache_key_and_other_product_updates_do_not(loaded_db):
+def test_a_changed_catalog_changes_the_cache_key_and_a_purchase_elsewhere_does_not(loaded_db):
     """The catalog part of the key is one counter kept by a trigger on products (migration 0010)."""
     from recsys.recommend.cache import cache_key
     from recsys.recommend.request import RecommendationRequest
@@ -184,7 +184,7 @@ def test_a_changed_catalog_changes_the_cache_key_and_other_product_updates_do_no
             conn.execute(text(statement))
 
     keys = [key()]
-    run("UPDATE products SET embedding = embedding, embedded_at = now() WHERE stock_code = '22086'")  # re-embedded
+    run("UPDATE products SET embedding = embedding, embedded_at = now() WHERE stock_code = '23084'")  # re-embedded
     keys.append(key())
     run("INSERT INTO products (stock_code, description) VALUES ('NEW1', 'A NEW PRODUCT')")
     keys.append(key())
@@ -193,7 +193,9 @@ def test_a_changed_catalog_changes_the_cache_key_and_other_product_updates_do_no
     run("DELETE FROM products WHERE stock_code = 'NEW1'")
     keys.append(key())
     assert len(set(keys)) == len(keys)
-    run("UPDATE products SET updated_at = now()")  # nothing a recommendation reads
+    run("INSERT INTO purchases (row_hash, invoice_no, stock_code, customer_id, description, quantity, unit_price, "
+        "invoiced_at, country) VALUES ('\\x02', '999998', '84879', 12583, 'ASSORTED COLOUR BIRD ORNAMENT', 1, "
+        "1.69, '2011-01-01', 'France')")  # another customer's purchase: neither this customer nor the catalog
     assert key() == keys[-1]
 
 

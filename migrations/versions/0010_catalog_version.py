@@ -4,8 +4,10 @@ Each recommendation request's cache key held `count(embedded_at), max(embedded_a
 an index-only scan over every product (0.69 ms of the 0.77 ms fingerprint query at 3,665 products,
 and linear in the catalog: a 1M-product shop would pay it on every cached answer). Now
 `catalog_version` holds one counter that `bump_catalog_version()` (sql/0010) increments after every
-statement that inserts, deletes or truncates products or updates their description, embedding,
-embedding model, embedding time or non-product flag. Issue 16 (cached POST throughput).
+statement that inserts, updates, deletes or truncates products. Products change only through ingest
+and embedding, so counting every update statement costs no cache hits; a column list (`UPDATE OF
+embedding, …`) would make the trigger depend on those columns and block `ALTER … TYPE halfvec`
+(migration 0007's conversion). Issue 16 (cached POST throughput).
 
 Revision ID: 0010
 Revises: 0009
@@ -25,8 +27,7 @@ depends_on: str | Sequence[str] | None = None
 
 SQL_OBJECTS = ("bump_catalog_version",)
 TRIGGERS = {
-    "products_catalog_version_rows": "AFTER INSERT OR DELETE OR UPDATE OF description, embedding, embedding_model, "
-                                     "embedded_at, is_non_product",
+    "products_catalog_version_rows": "AFTER INSERT OR UPDATE OR DELETE",
     "products_catalog_version_truncate": "AFTER TRUNCATE",
 }
 

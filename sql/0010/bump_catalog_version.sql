@@ -1,6 +1,5 @@
--- Statement trigger function on products: any statement that can change what vector search or a
--- product listing returns (new or deleted products, changed descriptions, embeddings or flags)
--- moves the catalog version on, so every result-cache key computed after it misses.
+-- Statement trigger function on products: every statement that writes products (ingest, embedding,
+-- a SQL user's change) moves the catalog version on, so every result-cache key computed after it misses.
 CREATE FUNCTION bump_catalog_version() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
