@@ -4,10 +4,12 @@ Each recommendation request's cache key held `count(embedded_at), max(embedded_a
 an index-only scan over every product (0.69 ms of the 0.77 ms fingerprint query at 3,665 products,
 and linear in the catalog: a 1M-product shop would pay it on every cached answer). Now
 `catalog_version` holds one counter that `bump_catalog_version()` (sql/0010) increments after every
-statement that inserts, updates, deletes or truncates products. Products change only through ingest
-and embedding, so counting every update statement costs no cache hits; a column list (`UPDATE OF
-embedding, …`) would make the trigger depend on those columns and block `ALTER … TYPE halfvec`
-(migration 0007's conversion). Issue 16 (cached POST throughput).
+statement that inserted, updated or deleted at least one product, or truncated the table (each
+trigger passes its rows as the transition table `changed_products`; a statement that changed nothing,
+like an unchanged ingest's `INSERT … ON CONFLICT DO NOTHING`, keeps the cache). Products change only
+through ingest and embedding, so counting every changing statement costs no cache hits; a column list
+(`UPDATE OF embedding, …`) would make the trigger depend on those columns and block
+`ALTER … TYPE halfvec` (migration 0007's conversion). Issue 16 (cached POST throughput).
 
 Revision ID: 0010
 Revises: 0009
@@ -26,9 +28,11 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 SQL_OBJECTS = ("bump_catalog_version",)
-TRIGGERS = {
-    "products_catalog_version_rows": "AFTER INSERT OR UPDATE OR DELETE",
-    "products_catalog_version_truncate": "AFTER TRUNCATE",
+TRIGGERS = {  # a trigger with a transition table has one event
+    "products_catalog_version_insert": "AFTER INSERT ON products REFERENCING NEW TABLE AS changed_products",
+    "products_catalog_version_update": "AFTER UPDATE ON products REFERENCING NEW TABLE AS changed_products",
+    "products_catalog_version_delete": "AFTER DELETE ON products REFERENCING OLD TABLE AS changed_products",
+    "products_catalog_version_truncate": "AFTER TRUNCATE ON products",
 }
 
 
@@ -43,8 +47,7 @@ def upgrade() -> None:
     op.execute("INSERT INTO catalog_version (id, version) VALUES (1, 1)")
     install_objects(SQL_OBJECTS, revision)
     for name, when in TRIGGERS.items():
-        op.execute(f"CREATE TRIGGER {name} {when} ON products FOR EACH STATEMENT "
-                   "EXECUTE FUNCTION bump_catalog_version()")
+        op.execute(f"CREATE TRIGGER {name} {when} FOR EACH STATEMENT EXECUTE FUNCTION bump_catalog_version()")
 
 
 def downgrade() -> None:
