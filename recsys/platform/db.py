@@ -18,7 +18,7 @@ from recsys.config import Settings
 
 T = TypeVar("T")
 
-_engines: dict[tuple, Engine] = {}
+_engines: dict[tuple[int, str, str], Engine] = {}
 _lock = threading.Lock()
 
 
@@ -44,17 +44,7 @@ def get_engine(settings: Settings) -> Engine:
     Called on every database access, so the lookup is a dict read: the URL (for the embedded
     server, found from its postmaster.pid) is worked out only when the engine is made.
     """
-    key = (os.getpid(), _engine_key(settings))
-    engine = _engines.get(key)
-    if engine is not None:
-        return engine
-    with _lock:
-        engine = _engines.get(key)
-        if engine is None:
-            engine = create_engine(database_url(settings), pool_pre_ping=True, pool_size=5, max_overflow=10)
-            event.listen(engine, "checkout", _register_vector_types)
-            _engines[key] = engine
-        return engine
+    return _process_engine(settings, "default", pool_pre_ping=True)
 
 
 def _autocommit_engine(settings: Settings) -> Engine:
@@ -64,15 +54,19 @@ def _autocommit_engine(settings: Settings) -> Engine:
     ROLLBACK on return; here only the query is sent (py-spy put the other three at about 60% of an
     API job read's wall time on two loaded cores).
     """
-    key = (os.getpid(), _engine_key(settings), "autocommit")
+    return _process_engine(settings, "autocommit", pool_pre_ping=False, isolation_level="AUTOCOMMIT")
+
+
+def _process_engine(settings: Settings, kind: str, **options) -> Engine:
+    """This process's engine of one kind for the database the settings name, made once."""
+    key = (os.getpid(), _engine_key(settings), kind)
     engine = _engines.get(key)
     if engine is not None:
         return engine
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = create_engine(database_url(settings), pool_pre_ping=False, pool_size=5, max_overflow=10,
-                                   isolation_level="AUTOCOMMIT")
+            engine = create_engine(database_url(settings), pool_size=5, max_overflow=10, **options)
             event.listen(engine, "checkout", _register_vector_types)
             _engines[key] = engine
         return engine
