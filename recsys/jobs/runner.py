@@ -355,9 +355,13 @@ def processed_jobs() -> int:
 
 
 def prepare_worker(settings: Settings) -> None:
-    """Load what jobs need once per worker process (the embedding model, the default ranker's LLM)."""
+    """Load what jobs need once per worker process: the embedding model, the default ranker's LLM, and the
+    statistics every batch reads (best sellers: one aggregate over all purchases, ~1 s on the bundled data,
+    which the first batch would otherwise pay; the product matrix when exact search is on)."""
     from recsys.catalog.embedding import encode
     from recsys.rankers import is_llm_ranker
+    from recsys.recommend.candidates import best_sellers
+    from recsys.recommend.nearest import product_matrix
     from recsys.recommend.pipeline import ranker_for
 
     try:
@@ -366,3 +370,8 @@ def prepare_worker(settings: Settings) -> None:
             ranker_for(settings.ranker, settings)
     except Exception as exc:
         log.error("worker could not load its models (jobs that need them will fail): %s", readable(exc))
+    try:
+        best_sellers(settings)
+        product_matrix(settings)
+    except Exception as exc:  # an empty or unmigrated database: the first batch reads them, or says what is wrong
+        log.warning("worker could not read the catalog statistics ahead of its first job: %s", readable(exc))
