@@ -18,9 +18,11 @@ what lets a GPU worker see full batches.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from recsys.catalog.embedding import encode_queries
@@ -86,6 +88,24 @@ def model_identity(ranker_name: str, settings: Settings) -> tuple[str | None, st
     from recsys.llm.prompts import PROMPT_VERSION
 
     return settings.llm_model, PROMPT_VERSION
+
+
+_readers: dict[int, ThreadPoolExecutor] = {}
+
+
+def _histories_reader() -> ThreadPoolExecutor:
+    """This process's thread that reads histories (made after a fork, never inherited)."""
+    pid = os.getpid()
+    with _rankers_lock:
+        reader = _readers.get(pid)
+        if reader is None:
+            reader = _readers[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-histories")
+        return reader
+
+
+def _timed(read, *args):
+    started = time.perf_counter()
+    return read(*args), time.perf_counter() - started
 
 
 @dataclass
@@ -155,20 +175,23 @@ def _prepare(
     """
     count = len(requests)
     customers = sorted({r.customer_id for r in requests if r.customer_id is not None})
+    queries = [r.query for r in requests if r.query]
+    # The histories are read while the queries are encoded: the encoder computes and Postgres reads at once.
+    reading = _histories_reader().submit(_timed, recent_histories, customers, HISTORY_ITEMS, settings)
     t0 = time.perf_counter()
-    histories = recent_histories(customers, HISTORY_ITEMS, settings)
-    history_ms = (time.perf_counter() - t0) * 1000 / count
+    # One query (`recsys recommend`, a lone job) in a process without the torch model: the light encoder.
+    light = len(queries) == 1
+    try:
+        encoded = encode_queries(queries, settings, light=light) if queries else []
+        embed_ms = (time.perf_counter() - t0) * 1000 / count
+    finally:
+        histories, history_seconds = reading.result()
+    query_vectors = dict(zip(queries, encoded, strict=True))
+    history_ms = history_seconds * 1000 / count
 
     for request in requests:
         if not request.query and not histories.get(request.customer_id):
             raise RequestError(f"customer {request.customer_id} has no purchases and the request has no query text")
-
-    t0 = time.perf_counter()
-    queries = [r.query for r in requests if r.query]
-    # One query (`recsys recommend`, a lone job) in a process without the torch model: the light encoder.
-    light = len(queries) == 1
-    query_vectors = dict(zip(queries, encode_queries(queries, settings, light=light), strict=True)) if queries else {}
-    embed_ms = (time.perf_counter() - t0) * 1000 / count
 
     wanted = [
         settings.retrieve_k if whole else min(max(r.k, settings.max_candidates), settings.retrieve_k)
