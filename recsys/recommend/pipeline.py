@@ -40,7 +40,7 @@ from recsys.rankers import (
 )
 from recsys.rankers.item_stats import DatabaseItemStats
 from recsys.rankers.learned import ModelFileError
-from recsys.recommend.candidates import CandidateRequest, candidates_batch
+from recsys.recommend.candidates import CandidateRequest, candidates_batch, copurchase_neighbours
 from recsys.recommend.explanations import attach_explanations
 from recsys.recommend.ordering import final_order
 from recsys.recommend.request import RecommendationRequest, RequestError
@@ -103,9 +103,14 @@ def _histories_reader() -> ThreadPoolExecutor:
         return reader
 
 
-def _timed(read, *args):
+def _read_histories(customers: list[int], settings: Settings) -> tuple[dict, float]:
+    """The customers' recent purchases and the seconds that took; then the partners the candidate stage
+    will want for them are read into its per-process cache, off the batch's critical path."""
     started = time.perf_counter()
-    return read(*args), time.perf_counter() - started
+    histories = recent_histories(customers, HISTORY_ITEMS, settings)
+    seconds = time.perf_counter() - started
+    copurchase_neighbours(settings, sorted({h.stock_code for bought in histories.values() for h in bought}))
+    return histories, seconds
 
 
 @dataclass
@@ -176,8 +181,9 @@ def _prepare(
     count = len(requests)
     customers = sorted({r.customer_id for r in requests if r.customer_id is not None})
     queries = [r.query for r in requests if r.query]
-    # The histories are read while the queries are encoded: the encoder computes and Postgres reads at once.
-    reading = _histories_reader().submit(_timed, recent_histories, customers, HISTORY_ITEMS, settings)
+    # The histories (and their co-purchase partners) are read while the queries are encoded: the encoder
+    # computes and Postgres reads at once.
+    reading = _histories_reader().submit(_read_histories, customers, settings)
     t0 = time.perf_counter()
     # One query (`recsys recommend`, a lone job) in a process without the torch model: the light encoder.
     light = len(queries) == 1
