@@ -134,6 +134,19 @@ def median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
 
 
+class StageClock:
+    """ingest_file's progress callback: the seconds from one stage's end to the next one's."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = now - self.last
+        self.last = now
+
+
 def append_scenario(settings: Settings, path: str) -> dict:
     """Load all but the last day, then the last day: the incremental co-purchase update vs a full one."""
     with tempfile.TemporaryDirectory(prefix="recsys-bench-ingest-") as folder:
@@ -176,12 +189,15 @@ def main() -> None:
     samples: dict[str, list[float]] = {name: [] for name in (
         "pandas", "ingest", "copurchase_full", "reingest", "sentence_transformers", "embed")}
     loads = []
+    stages: list[dict[str, float]] = []
     report = embedded_report = None
     for repeat in range(args.repeats):
         loads.append(load_average())
         samples["pandas"].append(pandas_read_and_clean(args.path))
         scratch = recreate(settings, BENCH_DB)
-        report = ingest_file(args.path, scratch)
+        clock = StageClock()
+        report = ingest_file(args.path, scratch, progress=clock)
+        stages.append(clock.seconds)
         samples["ingest"].append(report.seconds)
         samples["copurchase_full"].append(report.copurchase_refresh_seconds)
         samples["reingest"].append(ingest_file(args.path, scratch).seconds)
@@ -219,6 +235,7 @@ def main() -> None:
             "rows_per_second": round(report.rows_read / ingest_s),
             "times_baseline": ratio(ingest_s, pandas_s, 2),
             "goal_times_baseline": 4.0,
+            "stage_seconds_median": {stage: median([run[stage] for run in stages]) for stage in stages[0]},
         },
         "reingest_unchanged": {
             "seconds_median": reingest_s,

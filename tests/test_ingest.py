@@ -186,3 +186,104 @@ def test_full_bundled_file(db, engine):
     assert report.customers_total == 4_339
     assert report.products_total == 3_665
     assert counts(engine)["purchases"] == 392_732
+
+
+# Rows whose stored text is easy to get wrong: prices that round (half away from zero) or print in exponent
+# form, a negative zero, US dates and seconds, padding, a blank country (NULL), unicode, and the characters
+# COPY escapes or that concat_ws's separator could confuse.
+TRICKY_BODY = (
+    "A1,10001,PLAIN ITEM,1,2011-01-01 10:00:00,1.0,100,United Kingdom\n"
+    "A1,10002,HALF UP,2,2011-01-01 10:00:00,2.0005,100,United Kingdom\n"
+    "A2,10002,HALF UP,3,2011-01-02 10:00:00,-0.0005,101,France\n"
+    "A2,10003,TINY,4,2011-01-02 10:00:00,0.00001,101,France\n"
+    "A3,10003,TINY,-5,12/31/2011 23:59,123456.7894999,13085.0,EIRE\n"
+    "A3,10004,\"PIPE | AND \"\"QUOTES\"\"\",6,12/31/2011 23:59:58,999999.9995,102,  \n"
+    'A4,10005,"TAB\tNEW\nLINE\\BACKSLASH",7,2011-02-01 08:00,3.0,103,R\u00e9union\n'
+    "A4, 10006 ,  caf\u00e9 cr\u00e8me \u2603 ,8,2011-02-01 08:00:00,0.1,103,R\u00e9union\n"
+    "A5,10001,PLAIN ITEM,9,2011-03-01 09:00:00,1e-05,104,Channel Islands\n"
+    "A5,10002,HALF UP,10,2011-03-01 09:00:00,0.30000000000000004,104,Channel Islands\n"
+)
+HASHED_IN_SQL = text(
+    "SELECT count(*) FROM purchases WHERE row_hash <> decode(md5(concat_ws('|', invoice_no, stock_code, "
+    "description, quantity, unit_price, invoiced_at, customer_id, country)), 'hex')"
+)
+
+
+def stored(engine) -> dict[str, list]:
+    with engine.connect() as conn:
+        return {
+            "purchases": conn.execute(text(
+                "SELECT id, row_hash, invoice_no, stock_code, customer_id, description, quantity, unit_price, "
+                "invoiced_at, country FROM purchases ORDER BY id")).all(),
+            "products": conn.execute(text(
+                "SELECT stock_code, description, price, purchase_count, quantity_total, customer_count, "
+                "is_non_product FROM products ORDER BY stock_code")).all(),
+            "customers": conn.execute(text(
+                "SELECT customer_id, country, purchase_count, first_purchase_at, last_purchase_at "
+                "FROM customers ORDER BY customer_id")).all(),
+        }
+
+
+def test_a_first_load_hashes_rows_as_sql_does_and_in_hash_order(db, engine, tmp_path):
+    report = ingest_file(write(tmp_path, "tricky.csv", TRICKY_BODY), db)
+    assert report.rows_new == 10 and report.rows_rejected == 0
+    with engine.connect() as conn:
+        assert conn.execute(HASHED_IN_SQL).scalar_one() == 0
+        hashes = conn.execute(text("SELECT row_hash FROM purchases ORDER BY id")).scalars().all()
+        assert hashes == sorted(hashes)  # ids in hash order, as the staging path's DISTINCT ON gave them
+        row = conn.execute(text("SELECT * FROM purchases WHERE stock_code = '10004'")).one()
+        assert row.country is None and str(row.unit_price) == "1000000.000"
+        assert conn.execute(text("SELECT description FROM purchases WHERE stock_code = '10005'")).scalar_one() == (
+            "TAB\tNEW\nLINE\\BACKSLASH")
+    # The same rows in other bytes: a later load (hashed in SQL) finds every one of them already there.
+    again = ingest_file(write(tmp_path, "tricky_again.csv", TRICKY_BODY + TRICKY_BODY), db)
+    assert again.unchanged_since_run is None and again.rows_new == 0
+
+
+def test_a_first_load_stores_what_the_staging_path_stores(db, engine, tmp_path, sample_csv, monkeypatch):
+    """The fast first load against the staging path that hashes in SQL (the path every later load takes)."""
+    from recsys.catalog import ingest
+
+    tricky = write(tmp_path, "tricky.csv", TRICKY_BODY)
+    loads = {}
+    for path_taken in ("fast", "staging"):
+        if path_taken == "staging":
+            with engine.begin() as conn:
+                conn.execute(text("TRUNCATE purchases, products, customers, copurchase, copurchase_singles, "
+                                  "ingest_runs RESTART IDENTITY CASCADE"))
+            monkeypatch.setattr(ingest, "_hashes_match_this_session", lambda conn: False)
+        reports = [ingest_file(tricky, db), ingest_file(sample_csv, db)]
+        loads[path_taken] = ([(r.rows_new, r.rows_loaded, r.copurchase_mode) for r in reports], stored(engine))
+    assert loads["fast"] == loads["staging"]
+    assert loads["fast"][0][0] == (10, 10, "rebuilt")
+
+
+def test_whether_python_may_hash_depends_on_the_session(db, engine):
+    from recsys.catalog.ingest import _hashes_match_this_session
+
+    with engine.begin() as conn:
+        assert _hashes_match_this_session(conn)
+        conn.execute(text("SET LOCAL DateStyle = 'German'"))
+        assert not _hashes_match_this_session(conn)
+
+
+def test_prices_are_rounded_as_postgres_rounds_them(engine):
+    """The text of numeric(12, 3) for each float the staging path sent, here and in Postgres."""
+    import numpy as np
+
+    from recsys.catalog.ingest import _numeric_texts
+
+    generator = np.random.default_rng(16)
+    prices = np.concatenate([
+        *(generator.uniform(-1000, 1000, 3_000).round(digits) for digits in range(7)),
+        np.arange(-2000, 2000) / 2000 + 0.0005,
+        generator.uniform(0, 999_999_998, 2_000),
+        [0.0, -0.0, 1e-05, -1e-05, 0.0005, -0.0005, 2.0005, 1.0005, 0.30000000000000004, 999999999.999, 5e-324],
+    ])
+    sent = pd.Series(prices).to_numpy().astype(str).tolist()
+    with engine.connect() as conn:
+        expected = conn.execute(
+            text("SELECT CAST(CAST(value AS numeric(12, 3)) AS text) FROM unnest(CAST(:sent AS text[])) AS value"),
+            {"sent": sent},
+        ).scalars().all()
+    assert _numeric_texts(pd.Series(prices)) == expected

@@ -4,9 +4,12 @@ Cleaning follows the notebook exactly (rows with any null, then duplicate rows, 
 invoices starting with "C"), so the bundled file yields 392,732 purchases by 4,339
 customers. Rows that survive cleaning but cannot be parsed are rejected and counted; they
 never stop the load. Purchases are keyed by a hash of the whole source row, so loading the
-same file twice adds nothing. A file whose bytes (SHA-256) a succeeded run already loaded is not read
-again: purchases are only ever appended, so all its rows are there; the run is recorded with the
-earlier run's counts and nothing new.
+same file twice adds nothing. A first load into an empty database hashes the rows here, from the text
+Postgres prints for each stored value (tests hold it to the SQL hash), and COPies them in binary
+straight into `purchases`; every later load goes through a staging table and hashes in SQL.
+A file whose bytes (SHA-256) a succeeded run already loaded is not read again: purchases are
+only ever appended, so all its rows are there; the run is recorded with the earlier run's
+counts and nothing new.
 """
 
 from __future__ import annotations
@@ -14,12 +17,18 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import psycopg
+from psycopg.adapt import PyFormat
 from sqlalchemy import Connection, text
 
 from recsys.catalog.copurchase import count_new_purchases, defer_counting, rebuild_copurchase
@@ -47,7 +56,9 @@ NON_PRODUCT_CODES = frozenset(
 )
 NON_PRODUCT_PREFIXES = ("gift_", "TEST")
 
-DATE_FORMATS = ("%Y-%m-%d %H:%M:%S", "%m/%d/%Y %H:%M", "%Y-%m-%d %H:%M", "%m/%d/%Y %H:%M:%S")
+# How the staging path sends a timestamp, and how Postgres (DateStyle ISO) prints it back for the row hash.
+TIMESTAMP_TEXT = "%Y-%m-%d %H:%M:%S"
+DATE_FORMATS = (TIMESTAMP_TEXT, "%m/%d/%Y %H:%M", "%Y-%m-%d %H:%M", "%m/%d/%Y %H:%M:%S")
 
 ProgressCallback = Callable[[str], None]
 
@@ -163,15 +174,15 @@ def clean(frame: pd.DataFrame, report: IngestReport) -> pd.DataFrame:
 def parse(frame: pd.DataFrame, report: IngestReport) -> pd.DataFrame:
     """Typed columns; rows whose values do not parse are dropped and counted as rejected."""
     parsed = pd.DataFrame(index=frame.index)
-    parsed["invoice_no"] = frame["invoice_no"].str.strip()
-    parsed["stock_code"] = frame["stock_code"].str.strip()
-    parsed["description"] = frame["description"].str.strip()
-    parsed["quantity"] = pd.to_numeric(frame["quantity"].str.strip(), errors="coerce")
-    parsed["unit_price"] = pd.to_numeric(frame["unit_price"].str.strip(), errors="coerce")
-    customer = pd.to_numeric(frame["customer_id"].str.strip(), errors="coerce")
+    parsed["invoice_no"] = _each_distinct(frame["invoice_no"], _stripped)
+    parsed["stock_code"] = _each_distinct(frame["stock_code"], _stripped)
+    parsed["description"] = _each_distinct(frame["description"], _stripped)
+    parsed["quantity"] = _each_distinct(frame["quantity"], _number)
+    parsed["unit_price"] = _each_distinct(frame["unit_price"], _number)
+    customer = _each_distinct(frame["customer_id"], _number)
     parsed["customer_id"] = customer
-    parsed["invoiced_at"] = _parse_dates(frame["invoiced_at"])
-    parsed["country"] = frame["country"].fillna("Unknown").str.strip()
+    parsed["invoiced_at"] = _each_distinct(frame["invoiced_at"], _parse_dates)
+    parsed["country"] = _each_distinct(frame["country"], lambda values: values.fillna("Unknown").str.strip())
 
     bad = (
         parsed[["quantity", "unit_price", "customer_id", "invoiced_at"]].isna().any(axis=1)
@@ -194,6 +205,22 @@ def parse(frame: pd.DataFrame, report: IngestReport) -> pd.DataFrame:
     good["quantity"] = good["quantity"].astype("int64")
     good["customer_id"] = good["customer_id"].astype("int64")
     return good
+
+
+def _each_distinct(values: pd.Series, convert: Callable[[pd.Series], pd.Series]) -> pd.Series:
+    """`convert(values)`, computed once per distinct value: a column repeats a few thousand values in 400k rows."""
+    codes, distinct = pd.factorize(values, use_na_sentinel=False)
+    converted = convert(pd.Series(distinct)).take(codes)
+    converted.index = values.index
+    return converted
+
+
+def _stripped(values: pd.Series) -> pd.Series:
+    return values.str.strip()
+
+
+def _number(values: pd.Series) -> pd.Series:
+    return pd.to_numeric(values.str.strip(), errors="coerce")
 
 
 def _parse_dates(values: pd.Series) -> pd.Series:
@@ -330,6 +357,37 @@ _FIRST_LOAD_ROWS = f"SELECT DISTINCT ON (row_hash) * FROM ({_HASHED_STAGING}) ha
 def _load(conn: Connection, rows: pd.DataFrame, report: IngestReport, step: ProgressCallback) -> None:
     first_load = not conn.execute(text("SELECT EXISTS (SELECT 1 FROM purchases)")).scalar_one()
     defer_counting(conn)
+    if first_load and _hashes_match_this_session(conn):
+        report.rows_new = _first_load(conn, rows, report, step)
+    else:
+        _load_through_staging(conn, rows, report, step, first_load)
+    step("insert")
+    if not report.rows_new:  # nothing new: aggregates and co-purchase counts stay as they are
+        report.copurchase_mode = "unchanged"
+        report.purchases_total = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
+        report.customers_total = conn.execute(text("SELECT count(*) FROM customers")).scalar_one()
+        report.products_total = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
+        return
+    refresh_aggregates(conn)
+    step("aggregate")
+    report.purchases_total = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
+    copurchase_started = time.perf_counter()
+    many_new = report.rows_new >= REBUILD_MIN_ROWS and report.rows_new > REBUILD_SHARE * report.purchases_total
+    if first_load or many_new:
+        rebuild_copurchase(conn)
+        report.copurchase_mode = "rebuilt"
+    else:
+        count_new_purchases(conn, "new_purchase_ids")
+    report.copurchase_refresh_seconds = time.perf_counter() - copurchase_started
+    step("copurchase")
+    report.customers_total = conn.execute(text("SELECT count(*) FROM customers")).scalar_one()
+    report.products_total = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
+
+
+def _load_through_staging(
+    conn: Connection, rows: pd.DataFrame, report: IngestReport, step: ProgressCallback, first_load: bool
+) -> None:
+    """COPY the rows into a staging table; hash them in SQL and insert the ones not loaded before."""
     conn.execute(
         text(
             """
@@ -373,27 +431,6 @@ def _load(conn: Connection, rows: pd.DataFrame, report: IngestReport, step: Prog
         report.rows_new = conn.execute(
             text(f"WITH inserted AS ({insert} RETURNING id) INSERT INTO new_purchase_ids SELECT id FROM inserted")
         ).rowcount
-    step("insert")
-    if not report.rows_new:  # nothing new: aggregates and co-purchase counts stay as they are
-        report.copurchase_mode = "unchanged"
-        report.purchases_total = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
-        report.customers_total = conn.execute(text("SELECT count(*) FROM customers")).scalar_one()
-        report.products_total = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
-        return
-    refresh_aggregates(conn)
-    step("aggregate")
-    report.purchases_total = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
-    copurchase_started = time.perf_counter()
-    many_new = report.rows_new >= REBUILD_MIN_ROWS and report.rows_new > REBUILD_SHARE * report.purchases_total
-    if first_load or many_new:
-        rebuild_copurchase(conn)
-        report.copurchase_mode = "rebuilt"
-    else:
-        count_new_purchases(conn, "new_purchase_ids")
-    report.copurchase_refresh_seconds = time.perf_counter() - copurchase_started
-    step("copurchase")
-    report.customers_total = conn.execute(text("SELECT count(*) FROM customers")).scalar_one()
-    report.products_total = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
 
 
 def _copy_frame(conn: Connection, rows: pd.DataFrame) -> None:
@@ -403,7 +440,7 @@ def _copy_frame(conn: Connection, rows: pd.DataFrame) -> None:
     raw = conn.connection.driver_connection
     chunk = 100_000
     # Timestamps formatted by one vectorised strftime: to_csv formats them value by value (4x slower).
-    text_rows = rows[columns].assign(invoiced_at=rows["invoiced_at"].dt.strftime("%Y-%m-%d %H:%M:%S"))
+    text_rows = rows[columns].assign(invoiced_at=rows["invoiced_at"].dt.strftime(TIMESTAMP_TEXT))
     with raw.cursor() as cur, cur.copy(
         f"COPY staging_purchases ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
     ) as copy:
@@ -413,11 +450,200 @@ def _copy_frame(conn: Connection, rows: pd.DataFrame) -> None:
             copy.write(buffer.getvalue())
 
 
+def _hashes_match_this_session(conn: Connection) -> bool:
+    """Whether row hashes computed in Python equal the SQL ones here: ISO timestamps, UTF-8 text both ways."""
+    return conn.execute(
+        text(
+            "SELECT current_setting('DateStyle') LIKE 'ISO%' AND current_setting('server_encoding') = 'UTF8' "
+            "AND current_setting('client_encoding') = 'UTF8'"
+        )
+    ).scalar_one()
+
+
+def _first_load(conn: Connection, rows: pd.DataFrame, report: IngestReport, step: ProgressCallback) -> int:
+    """Into an empty purchases table: no staging table, no 400k-row sorts in SQL.
+
+    Products and customers come from the frame; the purchases are hashed here and COPied straight in, one
+    row per hash, in hash order: the order the staging path's DISTINCT ON inserted them in, so ids and the
+    table's layout are what they were. Indexes and foreign keys are built once after the rows. Returns how
+    many rows were loaded.
+    """
+    _insert_products_and_customers(conn, rows)
+    with indexes_rebuilt_after(conn, "purchases"):
+        loaded = _copy_hashed_purchases(conn, rows)
+        report.rows_loaded = len(rows)
+        step("copy")
+    return len(loaded)
+
+
+def _insert_products_and_customers(conn: Connection, rows: pd.DataFrame) -> None:
+    """The products and customers the staging path inserts, taken from the frame.
+
+    A product's description is a placeholder until refresh_aggregates sets the canonical one. A customer's
+    country is that of their latest purchase; where lines tie on time, the first in the file (the staging
+    path took whichever its sort put first).
+    """
+    products = rows.drop_duplicates("stock_code")
+    conn.execute(
+        text(
+            """
+            INSERT INTO products (stock_code, description)
+            SELECT * FROM unnest(CAST(:codes AS text[]), CAST(:descriptions AS text[])) ORDER BY 1
+            ON CONFLICT (stock_code) DO NOTHING
+            """
+        ),
+        {"codes": products["stock_code"].tolist(), "descriptions": products["description"].tolist()},
+    )
+    latest = rows.loc[rows.groupby("customer_id")["invoiced_at"].idxmax()]
+    conn.execute(
+        text(
+            """
+            INSERT INTO customers (customer_id, country)
+            SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:countries AS text[])) ORDER BY 1
+            ON CONFLICT (customer_id) DO NOTHING
+            """
+        ),
+        {"ids": latest["customer_id"].tolist(), "countries": _texts(latest["country"])},
+    )
+
+
+def _copy_hashed_purchases(conn: Connection, rows: pd.DataFrame) -> np.ndarray:
+    """COPY the rows into purchases (binary format), one per row hash, in hash order; returns their positions."""
+    hashed_parts, fields = [], []
+    for index, (column, (texts_of, binary_of)) in enumerate(_HASHED_COLUMNS.items()):
+        parts, column_fields = _hash_parts_and_fields(rows[column], texts_of, binary_of, separator=index > 0)
+        hashed_parts.append(parts)
+        fields.append(column_fields)
+    join = b"".join
+    digests = [hashlib.md5(join(parts)).digest() for parts in zip(*hashed_parts, strict=True)]
+    copy_rows = [
+        join((_ROW_START, digest, invoice, code, description, quantity, price, at, customer, country))
+        for digest, invoice, code, description, quantity, price, at, customer, country in zip(
+            digests, *fields, strict=True
+        )
+    ]
+    in_hash_order = _first_of_each_hash_in_order(digests)
+    ordered = np.array(copy_rows, dtype=object)[in_hash_order]
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cursor, cursor.copy(
+        f"COPY purchases (row_hash, {', '.join(_HASHED_COLUMNS)}) FROM STDIN (FORMAT binary)"
+    ) as copy:
+        copy.write(_BINARY_COPY_HEADER)
+        for start in range(0, len(ordered), _COPY_CHUNK_ROWS):
+            copy.write(join(ordered[start:start + _COPY_CHUNK_ROWS]))
+        copy.write(_BINARY_COPY_TRAILER)
+    return in_hash_order
+
+
+def _hash_parts_and_fields(
+    values: pd.Series,
+    texts_of: Callable[[pd.Series], list[str | None]],
+    binary_of: Callable[[str], bytes],
+    separator: bool,
+) -> tuple[list[bytes], list[bytes]]:
+    """Per row, the column's part of the hashed text (concat_ws skips a NULL) and its binary COPY field.
+
+    Both are worked out once per distinct value from the text Postgres prints for the stored value. Only
+    the first column goes without the separator: it is invoice_no, which is never NULL.
+    """
+    codes, distinct = pd.factorize(values)
+    texts = texts_of(pd.Series(distinct))
+    prefix = b"|" if separator else b""
+    parts = np.array([b"" if shown is None else prefix + shown.encode() for shown in texts], dtype=object)
+    fields = np.array([_NULL_FIELD if shown is None else _field(binary_of(shown)) for shown in texts], dtype=object)
+    return parts[codes].tolist(), fields[codes].tolist()
+
+
+def _first_of_each_hash_in_order(digests: list[bytes]) -> np.ndarray:
+    """Row positions sorted by hash (bytea order), the first row of equal hashes only (as DISTINCT ON keeps one)."""
+    if not digests:
+        return np.empty(0, dtype=np.intp)
+    halves = np.frombuffer(b"".join(digests), dtype=">u8").reshape(-1, 2)
+    order = np.lexsort((halves[:, 1], halves[:, 0]))
+    sorted_halves = halves[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (sorted_halves[1:] != sorted_halves[:-1]).any(axis=1)
+    return order[first]
+
+
+def _field(value: bytes) -> bytes:
+    return struct.pack(">i", len(value)) + value
+
+
+def _texts(values: pd.Series) -> list[str | None]:
+    """Text as stored; empty is NULL (the CSV staging round trip made it so)."""
+    return [value or None for value in values.tolist()]
+
+
+def _integer_texts(values: pd.Series) -> list[str]:
+    return [str(value) for value in values.tolist()]
+
+
+def _numeric_texts(values: pd.Series) -> list[str]:
+    """numeric(12, 3) as Postgres prints it for the float text the staging path sent (to_csv: numpy's str).
+
+    Postgres rounds that decimal to 3 places half away from zero and prints no negative zero.
+    """
+    texts = []
+    for sent in values.to_numpy(dtype="float64").astype(str):
+        rounded = Decimal(sent).quantize(_NUMERIC_SCALE, rounding=ROUND_HALF_UP)
+        texts.append(format(rounded.copy_abs() if rounded.is_zero() else rounded, "f"))
+    return texts
+
+
+def _timestamp_texts(values: pd.Series) -> list[str]:
+    return values.dt.strftime(TIMESTAMP_TEXT).tolist()
+
+
+def _utf8(value: str) -> bytes:
+    return value.encode()
+
+
+def _int4(value: str) -> bytes:
+    return struct.pack(">i", int(value))
+
+
+def _int8(value: str) -> bytes:
+    return struct.pack(">q", int(value))
+
+
+def _numeric(value: str) -> bytes:
+    return bytes(_DECIMAL_DUMPER.dump(Decimal(value)))
+
+
+def _timestamp(value: str) -> bytes:
+    """Microseconds since 2000-01-01, Postgres's binary timestamp."""
+    return struct.pack(">q", (datetime.fromisoformat(value) - _POSTGRES_EPOCH) // timedelta(microseconds=1))
+
+
+# The row hash's columns in concat_ws order: how Postgres prints each stored value, and its binary form.
+_HASHED_COLUMNS: dict[str, tuple[Callable[[pd.Series], list], Callable[[str], bytes]]] = {
+    "invoice_no": (_texts, _utf8),
+    "stock_code": (_texts, _utf8),
+    "description": (_texts, _utf8),
+    "quantity": (_integer_texts, _int4),
+    "unit_price": (_numeric_texts, _numeric),
+    "invoiced_at": (_timestamp_texts, _timestamp),
+    "customer_id": (_integer_texts, _int8),
+    "country": (_texts, _utf8),
+}
+_NUMERIC_SCALE = Decimal("0.001")
+_DECIMAL_DUMPER = psycopg.adapters.get_dumper(Decimal, PyFormat.BINARY)(Decimal)
+_POSTGRES_EPOCH = datetime(2000, 1, 1)
+_NULL_FIELD = struct.pack(">i", -1)
+_ROW_START = struct.pack(">hi", 1 + len(_HASHED_COLUMNS), 16)  # field count, then the 16-byte hash's length
+_BINARY_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_BINARY_COPY_TRAILER = struct.pack(">h", -1)
+_COPY_CHUNK_ROWS = 50_000
+
+
 def refresh_aggregates(conn: Connection) -> None:
     """Recompute what products and customers derive from purchases.
 
     The canonical description is the one used most often for a code (ties: alphabetical);
-    when it changes, the stale embedding is cleared so `recsys embed` redoes it.
+    when it changes, the stale embedding is cleared so `recsys embed` redoes it. The per-code statistics
+    group by the code's bytes (COLLATE "C": the same groups, as the default collation is deterministic),
+    which sorts 400k lines several times faster than the locale's collation.
     """
     conn.execute(
         text(
@@ -429,12 +655,12 @@ def refresh_aggregates(conn: Connection) -> None:
                 SELECT DISTINCT ON (stock_code) stock_code, description
                 FROM description_counts ORDER BY stock_code, n DESC, description
             ), stats AS (
-                SELECT stock_code,
+                SELECT stock_code COLLATE "C" AS stock_code,
                        count(*) AS purchase_count,
                        sum(quantity) AS quantity_total,
                        count(DISTINCT customer_id) AS customer_count,
                        percentile_cont(0.5) WITHIN GROUP (ORDER BY unit_price) AS price
-                FROM purchases GROUP BY stock_code
+                FROM purchases GROUP BY stock_code COLLATE "C"
             )
             UPDATE products p SET
                 description = c.description,
@@ -445,7 +671,7 @@ def refresh_aggregates(conn: Connection) -> None:
                 embedding = CASE WHEN p.description = c.description THEN p.embedding END,
                 embedding_model = CASE WHEN p.description = c.description THEN p.embedding_model END,
                 updated_at = now()
-            FROM canonical c JOIN stats s USING (stock_code)
+            FROM canonical c JOIN stats s ON s.stock_code = c.stock_code COLLATE "C"
             WHERE p.stock_code = c.stock_code
             """
         )
