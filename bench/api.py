@@ -29,6 +29,7 @@ import urllib.request
 import uuid
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 from common import clear_jobs, free_port, load_average, loaded_database, machine, ratio
 from sqlalchemy import text
@@ -57,7 +58,7 @@ function request()
   counter = counter + 1
   local body = string.format(
     '{"customer_id": 15781, "query": "bench %s %d %d", "k": 3, "ranker": "retrieval"}', RUN, tid, counter)
-  return wrk.format("POST", "/api/v1/recommendations", nil, body)
+  return wrk.format("POST", PATH, nil, body)
 end
 """
 
@@ -305,7 +306,8 @@ def main() -> None:
                     call = dict(call)
                     url = call.pop("url")
                     if call.get("script"):
-                        call["extra_lua"] = f'RUN = "{uuid.uuid4().hex[:8]}"\n'
+                        # the script builds each request, so it must name the path (the baseline's differs)
+                        call["extra_lua"] = f'RUN = "{uuid.uuid4().hex[:8]}"\nPATH = "{urlparse(url).path}"\n'
                     pid = server.pid if side == "system" else baseline_server.pid
                     entry[side].append(run_wrk(url, key, args, server_pid=pid, backends=side == "system", **call))
         with get_engine(settings).connect() as conn:
