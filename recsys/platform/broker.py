@@ -5,6 +5,11 @@ The core never imports `worker`: it only knows the task names and queues below, 
 process (a forked child builds its own), with short connection timeouts so that a broker
 that is down makes a submit fail fast instead of hanging; the job row stays queued and the
 sweeper sends it later.
+
+`send_rerank` is on every submission's path, where Celery's `send_task` cost more than the rest of
+the request (kombu builds a Redis client per message). After a process's first message to a Redis
+broker, which goes through `send_task` and so declares the queue, it builds the same message with
+Celery's own code and pushes it on the queue's list as kombu would, on a connection kept per process.
 """
 
 from __future__ import annotations
@@ -12,8 +17,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
+from datetime import UTC, datetime, timedelta
 
 from celery import Celery
+from celery.utils.nodenames import anon_nodename
+from kombu.entity import PERSISTENT_DELIVERY_MODE
+from kombu.serialization import dumps as serialize
+from kombu.transport.virtual.base import Base64
+from kombu.utils.json import dumps as json_dumps
 
 from recsys.config import Settings
 
@@ -24,10 +36,16 @@ SUBMIT_TASK = "recsys.submit"
 DISCOVER_TASK = "recsys.discover"
 SWEEP_TASK = "recsys.sweep"
 RERANK_QUEUE = "rerank"
+JSON = "json"
 DEFAULT_QUEUE = "celery"
 
 _apps: dict[tuple[int, str], Celery] = {}
+_declared: set[tuple[int, str]] = set()
 _lock = threading.Lock()
+REDIS_SCHEMES = ("redis://",)  # kombu and redis-py read these URLs alike
+# As Celery's task_publish_retry_policy below: two more tries, a moment apart, then the sweeper's turn.
+PUBLISH_RETRIES = 2
+PUBLISH_RETRY_SECONDS = 0.2
 
 
 class BrokerUnavailable(RuntimeError):
@@ -41,9 +59,9 @@ def client_config(broker_url: str) -> dict:
     """
     return {
         "broker_url": broker_url,
-        "task_serializer": "json",
-        "result_serializer": "json",
-        "accept_content": ["json"],
+        "task_serializer": JSON,
+        "result_serializer": JSON,
+        "accept_content": [JSON],
         "broker_connection_timeout": 2.0,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"socket_connect_timeout": 1.0, "socket_timeout": 5.0},
@@ -67,12 +85,75 @@ def client(settings: Settings) -> Celery:
 
 def send_rerank(job_id: str, settings: Settings, *, countdown: float | None = None) -> None:
     """Queue `recsys.rerank(job_id)` on the rerank queue; the Celery task id is the job id."""
+    job_id = str(job_id)
+    url = settings.celery_broker_url
     try:
-        client(settings).send_task(
-            RERANK_TASK, args=[str(job_id)], queue=RERANK_QUEUE, task_id=str(job_id), countdown=countdown
-        )
+        if (os.getpid(), url) in _declared:
+            _push(rerank_message(client(settings), job_id, countdown), settings)
+            return
+        client(settings).send_task(RERANK_TASK, args=[job_id], queue=RERANK_QUEUE, task_id=job_id, countdown=countdown)
     except Exception as exc:
-        raise BrokerUnavailable(f"broker {settings.celery_broker_url} did not take job {job_id}: {exc}") from exc
+        raise BrokerUnavailable(f"broker {url} did not take job {job_id}: {exc}") from exc
+    if url.startswith(REDIS_SCHEMES):
+        with _lock:
+            _declared.add((os.getpid(), url))
+
+
+def rerank_message(app: Celery, job_id: str, countdown: float | None = None) -> dict:
+    """The message `app.send_task(RERANK_TASK, args=[job_id], queue=RERANK_QUEUE, task_id=job_id, countdown=...)`
+    puts on a Redis broker's `rerank` list: Celery's task message (protocol 2) in kombu's envelope.
+
+    Written out here because Celery's own builder (`app.amqp.as_task_v2`) cost a tenth of a submission in
+    settings look-ups and `saferepr`; tests/test_hot_paths.py holds it equal to what `send_task` sends. Only
+    the delivery tag (random) and the eta (now + countdown, UTC as the client app's default) differ from one
+    call to the next.
+    """
+    eta = (datetime.now(UTC) + timedelta(seconds=countdown)).isoformat() if countdown else None
+    headers = {
+        "lang": "py", "task": RERANK_TASK, "id": job_id, "shadow": None, "eta": eta, "expires": None,
+        "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": job_id,
+        "parent_id": None, "argsrepr": repr([job_id]), "kwargsrepr": "{}", "origin": anon_nodename(),
+        "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+    }  # argsrepr: saferepr of one short string in a list is its repr
+    body = ([job_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+    content_type, content_encoding, data = serialize(body, serializer=JSON)
+    properties = {
+        "correlation_id": job_id,
+        "reply_to": app.thread_oid,
+        "delivery_mode": PERSISTENT_DELIVERY_MODE,
+        "delivery_info": {"exchange": "", "routing_key": RERANK_QUEUE},  # direct queue: kombu's anonymous exchange
+        "priority": 0,
+        "body_encoding": "base64",
+        "delivery_tag": str(uuid.uuid4()),
+    }
+    return {"body": Base64().encode(data), "content-encoding": content_encoding, "content-type": content_type,
+            "headers": headers, "properties": properties}
+
+
+def _push(message: dict, settings: Settings) -> None:
+    """LPUSH on the queue's list (priority 0 is the bare queue name), as kombu's Redis transport does."""
+    _publisher(settings).lpush(message["properties"]["delivery_info"]["routing_key"], json_dumps(message))
+
+
+_publishers: dict[tuple[int, str], object] = {}
+
+
+def _publisher(settings: Settings):
+    """This process's Redis connection for messages, with Celery's publish timeouts and retries."""
+    import redis
+    from redis.backoff import ConstantBackoff
+    from redis.retry import Retry
+
+    key = (os.getpid(), settings.celery_broker_url)
+    with _lock:
+        publisher = _publishers.get(key)
+        if publisher is None:
+            publisher = redis.Redis.from_url(
+                settings.celery_broker_url, socket_timeout=5, socket_connect_timeout=1,
+                retry=Retry(ConstantBackoff(PUBLISH_RETRY_SECONDS), PUBLISH_RETRIES),
+            )
+            _publishers[key] = publisher
+        return publisher
 
 
 _redis_clients: dict[tuple[int, str], object] = {}
@@ -97,6 +178,8 @@ def reset_clients() -> None:
         for app in _apps.values():
             app.close()
         _apps.clear()
-        for redis in _redis_clients.values():
+        for redis in [*_redis_clients.values(), *_publishers.values()]:
             redis.close()
         _redis_clients.clear()
+        _publishers.clear()
+        _declared.clear()
