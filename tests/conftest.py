@@ -32,6 +32,7 @@ from recsys.platform import (
     migrations,
 )
 from recsys.platform.db import dispose_engines, get_engine  # noqa: E402
+from recsys.recommend.cache import flush_hits  # noqa: E402
 
 TEMPLATE_DB = "recsys_template"
 _database_ids = itertools.count()
@@ -140,6 +141,7 @@ def db(postgres) -> Settings:
     set_settings(settings)
     yield settings
     set_settings(None)
+    flush_hits()  # the test's cache hits reach its database and the broker now, not in a later test
     dispose_engines()
     _admin_execute(postgres, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -10,6 +10,7 @@ from uuid import UUID
 
 from flask import Flask, redirect, url_for
 from flask.json.provider import DefaultJSONProvider
+from flask.sessions import SecureCookieSessionInterface
 
 from recsys.config import Settings, get_settings
 from recsys.platform.auth import ApiKeyCache
@@ -36,6 +37,16 @@ class JSONProvider(DefaultJSONProvider):
         return DefaultJSONProvider.default(o)
 
 
+class CookieSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, without building the signing serializer for a request that sends no
+    session cookie (every API call): an empty session needs no key to read."""
+
+    def open_session(self, app, request):
+        if app.secret_key and not request.cookies.get(self.get_cookie_name(app)):
+            return self.session_class()
+        return super().open_session(app, request)
+
+
 def create_app(settings: Settings | None = None, config: dict | None = None) -> Flask:
     """Build the app for these settings (default: the environment's); `config` overrides Flask config keys."""
     settings = settings or get_settings()
@@ -46,6 +57,7 @@ def create_app(settings: Settings | None = None, config: dict | None = None) -> 
 
     app = Flask(__name__)
     app.json = JSONProvider(app)
+    app.session_interface = CookieSessions()
     app.config.update(
         # Without RECSYS_SECRET_KEY sessions last as long as the process; `recsys serve` sets one per start.
         SECRET_KEY=settings.secret_key or secrets.token_hex(32),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from flask import Blueprint, current_app, g, jsonify, request, url_for
 
 from recsys import feedback as feedback_events
@@ -9,6 +11,7 @@ from recsys import jobs
 from recsys.catalog import history as customer_histories
 from recsys.catalog import listing, retrieval
 from recsys.discover.request import DiscoverRequest
+from recsys.jobs.queries import get_job_json
 from recsys.platform.bodies import MAX_BIGINT
 from recsys.recommend.request import IDEMPOTENCY_KEY, MAX_QUERY_CHARS, RecommendationRequest
 from web import health as health_checks
@@ -65,8 +68,9 @@ def require_api_key():
     g.api_key = key
 
 
-def _job_json(job: dict) -> dict:
-    return {key: (str(value) if key == "id" else value) for key, value in job.items()}
+def _json_document(document: str):
+    """200 with JSON already encoded (stored JSON passed through by the core), sent as `jsonify` sends its own."""
+    return current_app.response_class(f"{document}\n", mimetype="application/json")
 
 
 IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "required": False,
@@ -84,8 +88,9 @@ def _submission(outcome):
     job_id = str(outcome.job_id) if outcome.job_id else None
     body = {"job_id": job_id, "status": outcome.status, "cached": outcome.cached, "created": outcome.created,
             "status_url": url_for("api.get_job", job_id=job_id) if job_id else None}
-    if outcome.result is not None:
-        return jsonify({**body, "result": outcome.result}), 200
+    if outcome.result_json is not None:
+        # the stored result goes in as the database printed it: parsing and re-encoding it cost more than the rest
+        return _json_document(f'{json.dumps(body, separators=(",", ":"))[:-1]},"result":{outcome.result_json}}}')
     return jsonify(body), 202, {"Location": body["status_url"]}
 
 
@@ -109,7 +114,7 @@ def _submission(outcome):
 def create_recommendation():
     asked = parse_body(RecommendationRequest)
     outcome = jobs.submit_recommendation(asked, settings(), idempotency_key=_idempotency_key())
-    if outcome.result is not None:
+    if outcome.result_json is not None:
         RECOMMENDATIONS.labels("cached" if outcome.cached else "finished").inc()
     else:
         RECOMMENDATIONS.labels("enqueued").inc()
@@ -151,10 +156,10 @@ def get_job(job_id: str):
         parsed = uuid_value(job_id, "job id")
     except ApiError:
         raise ApiError(404, "not_found", f"no job {job_id[:40]!r}: job ids are UUIDs") from None
-    job = jobs.get_job(parsed, settings())
+    job = get_job_json(parsed, settings())
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id}")
-    return jsonify(_job_json(job))
+    return _json_document(job)
 
 
 @bp.get("/products/<stock_code>")

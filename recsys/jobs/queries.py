@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 
+import psycopg
+from psycopg.rows import namedtuple_row
 from sqlalchemy import text
 
 from recsys.config import Settings
-from recsys.jobs.store import JOB_COLUMNS, job_dict, parse_job_id
-from recsys.platform.db import get_engine, read_once
+from recsys.jobs.store import JOB_COLUMNS, job_dict, job_json, parse_job_id
+from recsys.platform.db import get_engine, read_once, run_bare
 from recsys.platform.models import FINISHED_STATUSES, JOB_STATUSES
 from recsys.recommend import cache
 from recsys.recommend.request import RequestError
@@ -23,6 +25,28 @@ def get_job(job_id, settings: Settings) -> dict | None:
         text(f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE id = :id"), {"id": parsed}
     ).one_or_none())
     return job_dict(row) if row is not None else None
+
+
+JOB_AS_TEXT = """
+    SELECT id, kind, status, CAST(request AS text) AS request, cache_key, idempotency_key, attempts, error, worker,
+           created_at, sent_at, started_at, finished_at, CAST(result AS text) AS result
+    FROM jobs WHERE id = %(id)s
+"""
+
+
+def get_job_json(job_id, settings: Settings) -> str | None:
+    """`get_job` as JSON text (`store.job_json`: the stored request and result are not parsed); None if unknown.
+
+    The API's job read: one statement on the bare driver connection (`run_bare`)."""
+    parsed = parse_job_id(job_id)
+    if parsed is None:
+        return None
+    def read(db: psycopg.Connection):
+        with db.cursor(row_factory=namedtuple_row) as cursor:
+            return cursor.execute(JOB_AS_TEXT, {"id": parsed}).fetchone()
+
+    row = run_bare(settings, read)
+    return job_json(row) if row is not None else None
 
 
 def check_status(status: str | None) -> None:
@@ -163,7 +187,8 @@ def job_timeline(settings: Settings, hours: int = 6, bucket_minutes: int = 10) -
 
 
 def cache_stats(settings: Settings) -> dict:
-    """Cache entries and hits."""
+    """Cache entries and hits, this process's latest hits included."""
+    cache.flush_hits()
     with get_engine(settings).connect() as conn:
         return cache.stats(conn)
 

@@ -31,7 +31,7 @@ def database_url(settings: Settings) -> str:
     return embedded_database_url(settings)
 
 
-def _engine_key(settings: Settings) -> str:
+def database_key(settings: Settings) -> str:
     """Which database the settings name, without touching the disk (the embedded socket is found once)."""
     if settings.database_url:
         return settings.sqlalchemy_url
@@ -48,18 +48,24 @@ def get_engine(settings: Settings) -> Engine:
 
 
 def _autocommit_engine(settings: Settings) -> Engine:
-    """A pool of its own in autocommit mode and without the check-out ping, for `read_once`.
+    """A pool of its own in autocommit mode and without the check-out ping, for `read_once` and `run_bare`.
 
     A pooled read otherwise makes four round trips: the check-out ping, BEGIN, the query and the
     ROLLBACK on return; here only the query is sent (py-spy put the other three at about 60% of an
-    API job read's wall time on two loaded cores).
+    API job read's wall time on two loaded cores). Nothing is reset on return: no transaction is open.
+
+    Its sessions keep generic plans for prepared statements (psycopg prepares a statement from its fifth
+    run): left to choose, Postgres planned the result-cache probe afresh on every run, 360 µs of its CPU
+    instead of 140. The pool serves only short statements by key, for which one plan fits every value.
     """
-    return _process_engine(settings, "autocommit", pool_pre_ping=False, isolation_level="AUTOCOMMIT")
+    return _process_engine(settings, "autocommit", pool_pre_ping=False, isolation_level="AUTOCOMMIT",
+                           pool_reset_on_return=None,
+                           connect_args={"options": "-c plan_cache_mode=force_generic_plan"})
 
 
 def _process_engine(settings: Settings, kind: str, **options) -> Engine:
     """This process's engine of one kind for the database the settings name, made once."""
-    key = (os.getpid(), _engine_key(settings), kind)
+    key = (os.getpid(), database_key(settings), kind)
     engine = _engines.get(key)
     if engine is not None:
         return engine
@@ -88,6 +94,38 @@ def read_once(settings: Settings, read: Callable[[Connection], T]) -> T:
             raise
     with engine.connect() as conn:
         return read(conn)
+
+
+def run_bare(settings: Settings, work: Callable[[psycopg.Connection], T]) -> T:
+    """`work(conn)` on the psycopg connection itself, from the autocommit, unpinged pool `read_once` uses: each
+    statement is its own transaction, committed (durably, with the server's synchronous_commit) when it returns.
+
+    For the API's busiest statements: SQLAlchemy's statement layer (compiled-statement lookup, result
+    metadata) costs about 110 µs a statement here, more than a small query itself. Errors are raised as
+    SQLAlchemy's (OperationalError, DataError, ...) so callers and error handlers see one kind; a dead
+    connection is dropped with the rest of the pool and `work` runs once more, so it must be safe to repeat.
+    """
+    engine = _autocommit_engine(settings)
+    try:
+        return _on_pooled_driver_connection(engine, work)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    return _on_pooled_driver_connection(engine, work)
+
+
+def _on_pooled_driver_connection(engine: Engine, work: Callable[[psycopg.Connection], T]) -> T:
+    pooled = engine.raw_connection()
+    try:
+        return work(pooled.driver_connection)
+    except psycopg.Error as exc:
+        dead = bool(pooled.driver_connection.broken or pooled.driver_connection.closed)
+        if dead:
+            pooled.invalidate(exc)
+            engine.dispose()
+        raise DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=dead) from exc
+    finally:
+        pooled.close()
 
 
 def _register_vector_types(dbapi_connection, connection_record, connection_proxy) -> None:

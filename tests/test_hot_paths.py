@@ -1,0 +1,146 @@
+"""The API's busiest paths (issue 16) against the real Postgres and Valkey: the cache key computed in SQL, hits
+counted in the process, stored JSON passed through, bare driver statements, and the rerank message pushed
+without Celery's publishing machinery, which must be the very message Celery sends."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+
+import redis
+from sqlalchemy import text
+from support.waiting import wait_until
+
+from recsys import jobs
+from recsys.platform import broker
+from recsys.platform.db import get_engine, run_bare
+from recsys.recommend import cache
+from recsys.recommend.request import RecommendationRequest
+
+WORKER = "test-host:1"
+
+
+def payload(**changes) -> dict:
+    return {"customer_id": 15781, "query": "BAG CHARM", "k": 3, "ranker": "retrieval", **changes}
+
+
+def finished_job(settings) -> str:
+    outcome = jobs.submit_recommendation(payload(), settings=settings)
+    jobs.run_job(outcome.job_id, worker=WORKER, settings=settings)
+    return str(outcome.job_id)
+
+
+def scalar(settings, sql: str, **params):
+    with get_engine(settings).begin() as conn:
+        return conn.execute(text(sql), params).scalar()
+
+
+def rerank_list(settings) -> list[dict]:
+    """The rerank queue's messages, oldest first, without their random delivery tags."""
+    raw = redis.Redis.from_url(settings.celery_broker_url).lrange("rerank", 0, -1)
+    messages = [json.loads(message) for message in reversed(raw)]
+    for message in messages:
+        message["properties"].pop("delivery_tag")
+    return messages
+
+
+def test_the_pushed_rerank_message_is_the_one_celery_sends(flushed_broker):
+    settings = flushed_broker
+    broker.reset_clients()
+    job_id = str(uuid.uuid4())
+    app = broker.client(settings)
+    app.send_task(broker.RERANK_TASK, args=[job_id], queue=broker.RERANK_QUEUE, task_id=job_id)
+    broker.send_rerank(job_id, settings)  # a process's first message goes through send_task (and declares the queue)
+    broker.send_rerank(job_id, settings)  # later ones are pushed on the kept connection
+    celery_sent, first, pushed = rerank_list(settings)
+    assert first == celery_sent and pushed == celery_sent
+    assert json.dumps(pushed) == json.dumps(celery_sent), "same keys in the same order"
+
+    redis.Redis.from_url(settings.celery_broker_url).delete("rerank")
+    app.send_task(broker.RERANK_TASK, args=[job_id], queue=broker.RERANK_QUEUE, task_id=job_id, countdown=30)
+    broker.send_rerank(job_id, settings, countdown=30)
+    celery_later, pushed_later = rerank_list(settings)
+    etas = [message["headers"].pop("eta") for message in (celery_later, pushed_later)]
+    assert pushed_later == celery_later and all(etas)
+    assert abs(time.mktime(time.strptime(etas[0][:19], "%Y-%m-%dT%H:%M:%S"))
+               - time.mktime(time.strptime(etas[1][:19], "%Y-%m-%dT%H:%M:%S"))) <= 2
+
+
+def test_the_cache_key_is_the_documented_hash_and_moves_with_what_changes_answers(loaded_db, flushed_broker):
+    engine = get_engine(loaded_db)
+    for asked in (payload(), payload(customer_id=None), payload(customer_id=99999)):
+        request = RecommendationRequest.from_dict(asked).with_defaults(loaded_db)
+        with engine.connect() as conn:
+            prints = cache.fingerprints(conn, request.customer_id)
+            key = cache.cache_key(conn, request, loaded_db)
+        documented = cache.key_text(cache.settled_digest(request, loaded_db), prints)
+        assert key == hashlib.sha256(documented.encode()).hexdigest()
+
+    request = RecommendationRequest.from_dict(payload()).with_defaults(loaded_db)
+    with engine.connect() as conn:
+        before = cache.cache_key(conn, request, loaded_db)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE catalog_version SET version = version + 1"))
+    with engine.connect() as conn:
+        assert cache.cache_key(conn, request, loaded_db) != before
+        assert cache.cache_key(conn, request.model_copy(update={"k": 4}), loaded_db) != before
+
+
+def test_a_new_purchase_misses_the_cache(loaded_db, flushed_broker):
+    finished_job(loaded_db)
+    assert jobs.submit_recommendation(payload(), settings=loaded_db).cached
+    with get_engine(loaded_db).begin() as conn:
+        conn.execute(text(
+            "INSERT INTO purchases (row_hash, invoice_no, stock_code, customer_id, description, quantity, "
+            "unit_price, invoiced_at, country) SELECT sha256(row_hash), invoice_no, stock_code, customer_id, "
+            "description, quantity, unit_price, invoiced_at + interval '1 day', country "
+            "FROM purchases WHERE customer_id = 15781 LIMIT 1"))
+    assert not jobs.submit_recommendation(payload(), settings=loaded_db).cached
+
+
+def test_cache_hits_are_written_by_the_flusher_within_a_moment(loaded_db, flushed_broker):
+    finished_job(loaded_db)
+    hits = [jobs.submit_recommendation(payload(), settings=loaded_db) for _ in range(3)]
+    assert all(hit.cached for hit in hits)
+    wait_until(lambda: scalar(loaded_db, "SELECT hits FROM result_cache") == 3, 10,
+               "the flusher thread to write the entry's hits")
+    assert scalar(loaded_db, "SELECT last_hit_at > now() - interval '1 minute' FROM result_cache")
+    client = redis.Redis.from_url(loaded_db.celery_broker_url)
+    assert sum(int(client.get(key)) for key in client.keys(f"{cache.HITS_KEY_PREFIX}*")) == 3
+
+
+def test_a_job_and_a_cached_answer_carry_the_stored_json_unchanged(loaded_db, client, auth_headers, flushed_broker):
+    job_id = finished_job(loaded_db)
+    shown = json.loads(json.dumps(jobs.get_job(job_id, loaded_db)))
+    read = client.get(f"/api/v1/jobs/{job_id}", headers=auth_headers)
+    assert read.status_code == 200 and read.mimetype == "application/json" and read.data.endswith(b"}\n")
+    assert read.get_json() == shown and list(read.get_json()) == list(shown)
+    assert "Set-Cookie" not in read.headers
+
+    answer = client.post("/api/v1/recommendations", headers=auth_headers, json=payload())
+    assert answer.status_code == 200 and answer.mimetype == "application/json"
+    body = answer.get_json()
+    assert list(body) == ["job_id", "status", "cached", "created", "status_url", "result"]
+    assert body["result"] == shown["result"] and body["job_id"] == job_id and body["cached"]
+
+
+def test_bare_statements_and_submits_survive_a_dropped_connection(loaded_db, flushed_broker):
+    def backend(db):
+        return db.execute("SELECT pg_backend_pid()").fetchone()[0]
+
+    first = run_bare(loaded_db, backend)
+    assert scalar(loaded_db, "SELECT pg_terminate_backend(:pid)", pid=first)
+    wait_until(lambda: not scalar(loaded_db, "SELECT count(*) FROM pg_stat_activity WHERE pid = :pid", pid=first),
+               10, "the backend to go")
+    assert run_bare(loaded_db, backend) != first
+
+    dropped = run_bare(loaded_db, backend)
+    scalar(loaded_db, "SELECT pg_terminate_backend(:pid)", pid=dropped)
+    wait_until(lambda: not scalar(loaded_db, "SELECT count(*) FROM pg_stat_activity WHERE pid = :pid", pid=dropped),
+               10, "the backend to go")
+    outcome = jobs.submit_recommendation(payload(query="lantern"), settings=loaded_db, idempotency_key="dropped-1")
+    assert outcome.created and jobs.count_jobs(loaded_db) == 1
+    again = jobs.submit_recommendation(payload(query="lantern"), settings=loaded_db, idempotency_key="dropped-1")
+    assert again.job_id == outcome.job_id and not again.created and jobs.count_jobs(loaded_db) == 1
