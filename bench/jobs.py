@@ -2,15 +2,13 @@
 
     python bench/jobs.py [--retrieval-jobs 1000] [--concurrency 1,2] [--llm-jobs 100]
                          [--llm-ranker llm-verbalizer] [--llm-batch-sizes 1,8] [--skip-llm]
-                         [--exact-search MAX_PRODUCTS]
 
 Ceiling: bench/noop_worker.py, a task that does nothing, on the same broker with the same worker
 settings (prefork, acks late, reject on a lost worker, prefetch 1), sent from as many threads and
 waited for the same way. For each worker size in `--concurrency` (processes), the no-op run and the
 `retrieval` run (the worker's batch size from RECSYS_BATCH_SIZE, default 32) follow each other, each
 with a fresh worker, so the ratio holds on a shared, loaded machine. Goal (issue 16): retrieval
-jobs/s ≥ 50% of the no-op's, 0 lost; and 2 processes against 1. With `--exact-search N` the retrieval
-jobs run once more with RECSYS_EXACT_SEARCH_MAX_PRODUCTS=N (exact vector search in the worker).
+jobs/s ≥ 50% of the no-op's, 0 lost; and 2 processes against 1.
 Then, unless --skip-llm, jobs with the packaged Gemma ranker (`--llm-ranker`, default `llm-verbalizer`),
 once per batch size. Every request is distinct (customer, query), so nothing is answered from the
 cache. For each: jobs/s from the first submit to the last finished job, submit→succeeded p50/p95 from
@@ -226,8 +224,6 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one scenario")
     parser.add_argument("--pool", default="prefork", choices=["prefork", "solo"])
     parser.add_argument("--concurrency", default="1,2", help="worker processes (prefork children), comma-separated")
-    parser.add_argument("--exact-search", type=int, default=0, metavar="MAX_PRODUCTS",
-                        help="also run the retrieval jobs with RECSYS_EXACT_SEARCH_MAX_PRODUCTS=MAX_PRODUCTS")
     args = parser.parse_args()
 
     base = Settings.from_env()
@@ -256,16 +252,6 @@ def main() -> None:
                 "retrieval_share_of_noop": ratio(retrieval["jobs_per_second"], noop["tasks_per_second"]),
                 "goal_share_of_noop": 0.5,
             }
-            if args.exact_search:
-                exact = run_scenario(
-                    settings.with_(exact_search_max_products=args.exact_search), requests,
-                    {"RECSYS_BATCH_SIZE": str(batch), "RECSYS_EXACT_SEARCH_MAX_PRODUCTS": str(args.exact_search)},
-                    args, home, concurrency=size,
-                ) | {"batch_size": batch, "exact_search_max_products": args.exact_search}
-                report[f"processes_{size}"] |= {
-                    "retrieval_exact_search": exact,
-                    "retrieval_exact_search_share_of_noop": ratio(exact["jobs_per_second"], noop["tasks_per_second"]),
-                }
         if len(sizes) > 1:
             first, last = report[f"processes_{sizes[0]}"], report[f"processes_{sizes[-1]}"]
             report[f"processes_{sizes[-1]}_vs_{sizes[0]}"] = {

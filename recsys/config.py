@@ -61,7 +61,6 @@ class Settings:
     copurchase_candidates: int = 50
     popular_candidates: int = 20
     query_pool: int = 100
-    exact_search_max_products: int = 0
     llm_model: str = "packaged:gemma-3-270m"
     model_cache: Path | None = None
     device: str = "auto"
@@ -102,7 +101,6 @@ class Settings:
             copurchase_candidates=_int("RECSYS_COPURCHASE_CANDIDATES", cls.copurchase_candidates),
             popular_candidates=_int("RECSYS_POPULAR_CANDIDATES", cls.popular_candidates),
             query_pool=_int("RECSYS_QUERY_POOL", cls.query_pool),
-            exact_search_max_products=_int("RECSYS_EXACT_SEARCH_MAX_PRODUCTS", cls.exact_search_max_products),
             llm_model=_env("RECSYS_LLM_MODEL", cls.llm_model),
             model_cache=Path(cache).expanduser().resolve() if cache else None,
             device=_env("RECSYS_DEVICE", cls.device),

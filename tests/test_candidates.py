@@ -10,20 +10,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import numpy as np
 import pytest
-from sqlalchemy import text
 
 from recsys.catalog.embedding import embed_products, encode_queries
 from recsys.catalog.ingest import ingest_file
-from recsys.platform.db import get_engine
 from recsys.recommend.candidates import (
     CandidateRequest,
     candidates_batch,
     forget_statistics,
     recent_purchases,
 )
-from recsys.recommend.nearest import SHORTLIST_MARGIN, ProductMatrix, product_matrix
 from recsys.recommend.pipeline import recommend
 from recsys.recommend.request import RecommendationRequest
 
@@ -143,45 +139,3 @@ def test_the_pipeline_tags_candidates_with_their_sources(shop):
     assert sources[LUNCH_BAG]["repeat"] == 1 and sources[HANGING_LANTERN]["copurchase"] == 1
     cold = recommend(RecommendationRequest(999, "bag charm", 3, "retrieval"), shop)
     assert cold["cold_start"] and CHARM in {c["stock_code"] for c in cold["candidates"]}
-
-
-def _batch(settings):
-    queries = ["lantern", "bag charm"]
-    vectors = dict(zip(queries, encode_queries(queries, settings), strict=True))
-    requests = [CandidateRequest(SUBJECT), CandidateRequest(SUBJECT, vectors["lantern"], False, "lantern"),
-                CandidateRequest(SUBJECT, None, True), CandidateRequest(999, vectors["bag charm"], False, "bag charm"),
-                CandidateRequest(None, vectors["lantern"], False, "lantern")]
-    return [[(c.stock_code, c.sources, c.evidence) for c in found.candidates] + [found.searched_by]
-            for found in candidates_batch(requests, settings)]
-
-
-def test_exact_search_in_the_process_gives_the_index_search_candidates(shop):
-    exact = shop.with_(exact_search_max_products=100)
-    assert product_matrix(shop) is None
-    matrix = product_matrix(exact)
-    assert matrix is not None and set(matrix.codes) == set(DESCRIPTIONS)
-    assert _batch(exact) == _batch(shop)
-
-
-def test_the_product_matrix_follows_the_catalog_and_its_size_limit(shop):
-    exact = shop.with_(exact_search_max_products=100)
-    assert CHARM in product_matrix(exact).codes
-    with get_engine(shop).begin() as conn:
-        conn.execute(text("UPDATE products SET is_non_product = true WHERE stock_code = :c"), {"c": CHARM})
-    assert CHARM not in product_matrix(exact).codes  # the catalog version moved: read again
-    assert product_matrix(shop.with_(exact_search_max_products=len(DESCRIPTIONS) - 2)) is None
-
-
-def test_a_shortlist_holds_the_nearest_and_a_margin():
-    rng = np.random.default_rng(7)
-    rows = rng.normal(size=(500, 16)).astype(np.float32)
-    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    codes = tuple(f"P{i:03d}" for i in range(500))
-    matrix = ProductMatrix((0, 0), codes, rows, {code: i for i, code in enumerate(codes)})
-    query = rng.normal(size=16).astype(np.float32)
-    (shortlist,) = matrix.shortlists([query], [10])
-    nearest = {codes[i] for i in np.argsort(-(rows @ (query / np.linalg.norm(query))))[:10 + SHORTLIST_MARGIN]}
-    assert len(shortlist) == 10 + SHORTLIST_MARGIN and set(shortlist) == nearest
-    assert matrix.history_vector(["P001", "P002", "unknown"]) == pytest.approx(
-        (rows[1] + rows[2]) / np.linalg.norm(rows[1] + rows[2]), abs=1e-6)
-    assert matrix.history_vector(["unknown"]) is None

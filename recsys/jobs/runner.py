@@ -356,12 +356,11 @@ def processed_jobs() -> int:
 
 def prepare_worker(settings: Settings) -> None:
     """Load what jobs need once per worker process: the embedding model, the default ranker's LLM, and the
-    statistics every batch reads (best sellers: one aggregate over all purchases, ~1 s on the bundled data,
-    which the first batch would otherwise pay; the product matrix when exact search is on)."""
+    best sellers every batch reads (one aggregate over all purchases, ~1 s on the bundled data, which the
+    first batch would otherwise pay)."""
     from recsys.catalog.embedding import encode
     from recsys.rankers import is_llm_ranker
     from recsys.recommend.candidates import best_sellers
-    from recsys.recommend.nearest import product_matrix
     from recsys.recommend.pipeline import ranker_for
 
     try:
@@ -372,6 +371,5 @@ def prepare_worker(settings: Settings) -> None:
         log.error("worker could not load its models (jobs that need them will fail): %s", readable(exc))
     try:
         best_sellers(settings)
-        product_matrix(settings)
     except Exception as exc:  # an empty or unmigrated database: the first batch reads them, or says what is wrong
-        log.warning("worker could not read the catalog statistics ahead of its first job: %s", readable(exc))
+        log.warning("worker could not read the best sellers ahead of its first job: %s", readable(exc))

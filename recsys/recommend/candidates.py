@@ -46,7 +46,6 @@ from recsys.catalog.history import HISTORY_ITEMS
 from recsys.config import Settings
 from recsys.platform.db import get_engine
 from recsys.rankers.base import CANDIDATE_SOURCES, Candidate
-from recsys.recommend.nearest import forget_matrices, product_matrix
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +98,8 @@ def quotas(settings: Settings) -> dict[str, int]:
 
 def candidate_settings(settings: Settings) -> dict:
     """Everything in the settings that changes the candidates (for the result cache key)."""
-    # named only when on, so that the keys of answers cached before the setting existed still match
-    limit = settings.exact_search_max_products
-    exact = {"exact_search_max_products": limit} if limit else {}
     return {"retrieve_k": settings.retrieve_k, "ef_search": settings.ef_search, "query_pool": settings.query_pool,
-            **{f"{source}_candidates": n for source, n in quotas(settings).items()}, **exact}
+            **{f"{source}_candidates": n for source, n in quotas(settings).items()}}
 
 
 # ---------------------------------------------------------------- statistics read once per process
@@ -265,10 +261,9 @@ def copurchase_neighbours(settings: Settings, codes: Sequence[str]) -> Neighbour
 
 
 def forget_statistics() -> None:
-    """Drop the cached best sellers, co-purchase partners and product matrix (tests that change data in place)."""
+    """Drop the cached best sellers and co-purchase partners (tests that change purchases in place)."""
     with _cache_lock:
         _cache.clear()
-    forget_matrices()
 
 
 @dataclass(frozen=True)
@@ -336,10 +331,10 @@ _CANDIDATES = text(
         SELECT CAST(:reference AS timestamp) AS at
     ),
     req AS (
-        SELECT r.ord, r.customer_id, r.exclude, r.query_text, r.query_vector, r.shortlisted
+        SELECT r.ord, r.customer_id, r.exclude, r.query_text, r.query_vector
         FROM unnest(CAST(:customers AS bigint[]), CAST(:excludes AS boolean[]), CAST(:query_vectors AS vector[]),
-                    CAST(:query_texts AS text[]), CAST(:shortlisted AS boolean[]))
-             WITH ORDINALITY AS r(customer_id, exclude, query_vector, query_text, shortlisted, ord)
+                    CAST(:query_texts AS text[]))
+             WITH ORDINALITY AS r(customer_id, exclude, query_vector, query_text, ord)
     ),
     bought AS MATERIALIZED (
         SELECT l.customer_id, l.stock_code, count(*) AS times, max(l.invoiced_at) AS last_at,
@@ -365,7 +360,7 @@ _CANDIDATES = text(
         ) r
     ),
     search AS MATERIALIZED (
-        SELECT q.ord, q.customer_id, q.exclude, q.query_vector, q.query_vector IS NOT NULL AS has_query, q.shortlisted,
+        SELECT q.ord, q.customer_id, q.exclude, q.query_vector, q.query_vector IS NOT NULL AS has_query,
                websearch_to_tsquery('english', q.query_text) AS words,
                coalesce(q.query_vector, CAST(h.v AS vector)) AS v
         FROM req q LEFT JOIN hvec h USING (customer_id)
@@ -385,19 +380,7 @@ _CANDIDATES = text(
             ORDER BY p.embedding <=> s.v
             LIMIT CASE WHEN s.has_query THEN greatest(:vector_quota, :query_pool) ELSE :vector_quota END
         ) n
-        WHERE s.v IS NOT NULL AND NOT s.shortlisted
-        UNION ALL
-        -- searched exactly in the process (recsys.recommend.nearest): its shortlist, measured and ordered here
-        SELECT ord, stock_code, matches, rank FROM (
-            SELECT s.ord, p.stock_code, p.search_tsv @@ s.words AS matches,
-                   row_number() OVER (PARTITION BY s.ord ORDER BY p.embedding <=> s.v, p.stock_code) AS rank,
-                   CASE WHEN s.has_query THEN greatest(:vector_quota, :query_pool) ELSE :vector_quota END AS wanted
-            FROM unnest(CAST(:shortlist_ords AS int[]), CAST(:shortlist_codes AS text[])) AS sl(ord, stock_code)
-            JOIN search s ON s.ord = sl.ord
-            JOIN products p ON p.stock_code = sl.stock_code
-            WHERE s.v IS NOT NULL AND p.embedding IS NOT NULL AND NOT p.is_non_product
-        ) exact
-        WHERE rank <= wanted
+        WHERE s.v IS NOT NULL
     ),
     rep AS (
         SELECT s.ord, b.stock_code,
@@ -483,40 +466,18 @@ def candidates_batch(
     neighbours = copurchase_neighbours(settings, sorted({code for c in customer_set for code in recent.get(c, ())}))
     together = {c: bought_together(neighbours, recent.get(c, ())) for c in customer_set}
 
-    context = _BatchContext(settings, share, limit, as_of, recent, popular, together)
-    return _merged(context, requests, _select(context, requests))
-
-
-@dataclass(frozen=True)
-class _BatchContext:
-    """What every part of a batch shares: settings, quotas and the statistics read once for the batch."""
-
-    settings: Settings
-    share: Mapping[str, int]
-    limit: int
-    as_of: datetime | None
-    recent: Mapping[int, Sequence[str]]
-    popular: BestSellers
-    together: Mapping[int, Partners]
-
-
-def _select(context: _BatchContext, requests: Sequence[CandidateRequest]) -> list:
-    """The batch statement's rows for every request (ords count from 1)."""
-    settings, share, recent, popular = context.settings, context.share, context.recent, context.popular
-    customer_set = sorted({r.customer_id for r in requests if r.customer_id is not None})
     given: list[tuple[int, str]] = []  # co-purchase and popular candidates of requests without a query
     for ord_, request in enumerate(requests, 1):
         if request.query_vector is not None:
             continue
         spare = 3 if request.exclude_purchased else 1  # room for what the exclusion removes
-        partners = context.together.get(request.customer_id, NO_PARTNERS)
+        partners = together.get(request.customer_id, NO_PARTNERS)
         given += [(ord_, code) for code in partners.codes[: spare * share["copurchase"]]]
         given += [(ord_, code) for code in popular.codes[: spare * share["popular"]]]
 
     recent_pairs = [(c, code) for c in customer_set for code in recent.get(c, ())]
-    shortlisted, shortlist = _exact_shortlists(requests, recent, settings)
     params = {
-        "as_of": context.as_of,
+        "as_of": as_of,
         # numpy arrays go as pgvector values in binary: a list of floats in text cost ~1 ms per request
         "query_vectors": [None if r.query_vector is None else np.asarray(r.query_vector, dtype=np.float32)
                           for r in requests],
@@ -526,9 +487,6 @@ def _select(context: _BatchContext, requests: Sequence[CandidateRequest]) -> lis
         "customer_set": customer_set,
         "recent_customers": [c for c, _ in recent_pairs],
         "recent_codes": [code for _, code in recent_pairs],
-        "shortlisted": shortlisted,
-        "shortlist_ords": [o for o, _ in shortlist],
-        "shortlist_codes": [code for _, code in shortlist],
         "given_ords": [o for o, _ in given],
         "given_codes": [code for _, code in given],
         "half_life": REPEAT_HALF_LIFE_DAYS,
@@ -541,12 +499,8 @@ def _select(context: _BatchContext, requests: Sequence[CandidateRequest]) -> lis
     with get_engine(settings).begin() as conn:
         conn.execute(text("SELECT set_config('hnsw.ef_search', :ef, true), "
                           "set_config('hnsw.iterative_scan', 'relaxed_order', true)"), {"ef": str(settings.ef_search)})
-        return conn.execute(_CANDIDATES, params).all()
+        rows = conn.execute(_CANDIDATES, params).all()
 
-
-def _merged(context: _BatchContext, requests: Sequence[CandidateRequest], rows: list) -> list[CandidateSet]:
-    """Each request's sources, merged by weighted reciprocal-rank fusion and cut to the limit."""
-    settings, share, popular = context.settings, context.share, context.popular
     by_request: dict[int, list] = {}
     for row in rows:
         by_request.setdefault(row[ORD], []).append(row)
@@ -554,53 +508,22 @@ def _merged(context: _BatchContext, requests: Sequence[CandidateRequest], rows: 
     for ord_, request in enumerate(requests, 1):
         found = by_request.get(ord_, [])
         has_query = request.query_vector is not None
-        partners = context.together.get(request.customer_id, NO_PARTNERS)
+        partners = together.get(request.customer_id, NO_PARTNERS)
         ranked = _source_lists(found, has_query, bool(request.exclude_purchased), settings.query_pool, popular,
                                partners)
-        sources, order = merge(ranked, share, FUSION_WEIGHTS[has_query], context.limit)
+        sources, order = merge(ranked, share, FUSION_WEIGHTS[has_query], limit)
         by_code = {row[CODE]: row for row in found}
         candidates = [_candidate(by_code[code], sources[code], popular, partners) for code in order]
         searched = bool(found) and found[0][NEAREST] is not None
         results.append(
             CandidateSet(
                 candidates,
-                cold_start=request.customer_id is not None and not context.recent.get(request.customer_id),
+                cold_start=request.customer_id is not None and not recent.get(request.customer_id),
                 searched_by="query" if has_query else ("history" if searched else None),
                 found={source: sum(1 for c in candidates if source in c.sources) for source in SOURCES},
             )
         )
     return results
-
-
-def _exact_shortlists(
-    requests: Sequence[CandidateRequest], recent: Mapping[int, Sequence[str]], settings: Settings
-) -> tuple[list[bool], list[tuple[int, str]]]:
-    """Which requests are searched exactly in this process, and their shortlists as (ord, code) pairs.
-
-    A request that excludes what the customer bought keeps the index search: how far beyond its
-    quota the shortlist would have to reach depends on purchases this stage has not read.
-    """
-    matrix = product_matrix(settings)
-    shortlisted = [False] * len(requests)
-    if matrix is None:
-        return shortlisted, []
-    ords, vectors, wanted = [], [], []
-    for ord_, request in enumerate(requests, 1):
-        if request.exclude_purchased and request.customer_id is not None:
-            continue
-        if request.query_vector is not None:
-            vector, want = request.query_vector, max(settings.vector_candidates, settings.query_pool)
-        else:
-            vector = matrix.history_vector(recent.get(request.customer_id, ()))
-            want = settings.vector_candidates
-        shortlisted[ord_ - 1] = True
-        if vector is not None:
-            ords.append(ord_)
-            vectors.append(vector)
-            wanted.append(max(want, 0))
-    pairs = [(ord_, code) for ord_, codes in zip(ords, matrix.shortlists(vectors, wanted), strict=True)
-             for code in codes]
-    return shortlisted, pairs
 
 
 def merge(
