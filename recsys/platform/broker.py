@@ -136,6 +136,7 @@ def _push(message: dict, settings: Settings) -> None:
 
 
 _publishers: dict[tuple[int, str], object] = {}
+_redis_clients: dict[tuple[int, str], object] = {}
 
 
 def _publisher(settings: Settings):
@@ -144,32 +145,27 @@ def _publisher(settings: Settings):
     from redis.backoff import ConstantBackoff
     from redis.retry import Retry
 
-    key = (os.getpid(), settings.celery_broker_url)
-    with _lock:
-        publisher = _publishers.get(key)
-        if publisher is None:
-            publisher = redis.Redis.from_url(
-                settings.celery_broker_url, socket_timeout=5, socket_connect_timeout=1,
-                retry=Retry(ConstantBackoff(PUBLISH_RETRY_SECONDS), PUBLISH_RETRIES),
-            )
-            _publishers[key] = publisher
-        return publisher
-
-
-_redis_clients: dict[tuple[int, str], object] = {}
+    return _kept(_publishers, settings, lambda url: redis.Redis.from_url(
+        url, socket_timeout=5, socket_connect_timeout=1,
+        retry=Retry(ConstantBackoff(PUBLISH_RETRY_SECONDS), PUBLISH_RETRIES)))
 
 
 def redis_client(settings: Settings):
     """This process's plain Redis client on the broker, for small shared state (heartbeats, login counters)."""
     import redis
 
+    return _kept(_redis_clients, settings,
+                 lambda url: redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1))
+
+
+def _kept(registry: dict, settings: Settings, make):
+    """This process's client in `registry` for the settings' broker, made once by `make(url)`."""
     key = (os.getpid(), settings.celery_broker_url)
     with _lock:
-        client = _redis_clients.get(key)
-        if client is None:
-            client = redis.Redis.from_url(settings.celery_broker_url, socket_timeout=2, socket_connect_timeout=1)
-            _redis_clients[key] = client
-        return client
+        kept = registry.get(key)
+        if kept is None:
+            kept = registry[key] = make(settings.celery_broker_url)
+        return kept
 
 
 def reset_clients() -> None:
