@@ -41,6 +41,7 @@ def get_job_json(job_id, settings: Settings) -> str | None:
     parsed = parse_job_id(job_id)
     if parsed is None:
         return None
+
     def read(db: psycopg.Connection):
         with db.cursor(row_factory=namedtuple_row) as cursor:
             return cursor.execute(JOB_AS_TEXT, {"id": parsed}).fetchone()
