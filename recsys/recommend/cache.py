@@ -24,7 +24,6 @@ import time
 from collections import Counter
 from typing import NamedTuple
 
-import psycopg
 from sqlalchemy import Connection, text
 
 from recsys.catalog.embedding import query_dtype
@@ -53,13 +52,6 @@ class CachedAnswer(NamedTuple):
     """The job that computed the answer: an id every answer can be looked up by."""
 
 
-class Probe(NamedTuple):
-    """A recommendation request's cache key, and its answer when the cache has one."""
-
-    key: str
-    hit: CachedAnswer | None
-
-
 # Statements in the driver's parameter style: the API's hot path sends them on the psycopg connection itself
 # (`recsys.platform.db.run_bare`), SQLAlchemy callers through `exec_driver_sql`.
 FINGERPRINTS_SQL = """
@@ -82,11 +74,7 @@ KEYED_CTES = f"""
         FROM prints
     )
 """
-PROBE_SQL = f"""
-    WITH {KEYED_CTES}
-    SELECT keyed.purchases, keyed.cache_key, CAST(c.result AS text) AS result, c.job_id
-    FROM keyed LEFT JOIN result_cache c ON c.cache_key = keyed.cache_key
-"""
+KEY_SQL = f"WITH {KEYED_CTES} SELECT purchases, cache_key FROM keyed"
 
 
 def fingerprints(conn: Connection, customer_id: int | None) -> dict:
@@ -122,7 +110,7 @@ def settled_digest(request: RecommendationRequest, settings: Settings) -> str:
 
 
 def key_text(settled: str, prints: dict) -> str:
-    """What PROBE_SQL hashes into the key, from `fingerprints`' answer (for readers and tests)."""
+    """What KEYED_CTES hashes into the key, from `fingerprints`' answer (for readers and tests)."""
     customer = ",".join("" if part is None else str(part) for part in prints["customer"])
     catalog = ["" if part is None else str(part) for part in prints["catalog"]]
     return "|".join([settled, customer, *catalog])
@@ -144,24 +132,15 @@ def check_servable(request: RecommendationRequest, purchases: int) -> None:
         raise RequestError(f"customer {request.customer_id} has no purchases and the request has no query text")
 
 
-def probe(db: psycopg.Connection, request: RecommendationRequest, settings: Settings) -> Probe:
-    """The request's cache key and its cached answer, in one statement that reads and writes nothing else.
-
-    `db` is a psycopg connection (`run_bare`). Refuses a request that cannot be served (`check_servable`).
-    A hit is not counted here: call `record_hit`.
-    """
-    purchases, key, result, job_id = db.execute(PROBE_SQL, key_parameters(request, settings)).fetchone()
-    check_servable(request, purchases)
-    return Probe(key, CachedAnswer(result, job_id) if result is not None else None)
-
-
 def cache_key(conn: Connection, request: RecommendationRequest, settings: Settings) -> str:
     """SHA-256 over everything that changes the answer; `request` must have its defaults filled in.
 
     Reading the customer's history fingerprint also refuses, before any job exists, a request that
     cannot be served: no query text and a customer without purchases (RequestError).
     """
-    return probe(conn.connection.driver_connection, request, settings).key
+    purchases, key = conn.exec_driver_sql(KEY_SQL, key_parameters(request, settings)).one()
+    check_servable(request, purchases)
+    return key
 
 
 def lookup(conn: Connection, key: str) -> CachedAnswer | None:
