@@ -160,9 +160,13 @@ def _rename_columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 
 def clean(frame: pd.DataFrame, report: IngestReport) -> pd.DataFrame:
-    """The notebook's cleaning, in its order, counting what each step removes."""
+    """The notebook's cleaning, in its order, counting what each step removes.
+
+    The columns come back as categoricals (codes into each column's distinct texts): rows are compared,
+    and later parsed, by those codes, a few thousand distinct values instead of 400k texts per column.
+    """
     report.rows_read = len(frame)
-    no_nulls = frame.dropna()
+    no_nulls = _as_categories(frame.dropna())
     report.rows_with_nulls = len(frame) - len(no_nulls)
     unique = no_nulls.drop_duplicates()
     report.duplicate_rows = len(no_nulls) - len(unique)
@@ -171,8 +175,25 @@ def clean(frame: pd.DataFrame, report: IngestReport) -> pd.DataFrame:
     return kept
 
 
+def _as_categories(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each column as codes into its distinct values, in order of appearance (equal texts, equal codes)."""
+    columns = {}
+    for name, values in frame.items():
+        codes, distinct = pd.factorize(values)
+        columns[name] = pd.Categorical.from_codes(codes, distinct)
+    return pd.DataFrame(columns, index=frame.index)
+
+
 def parse(frame: pd.DataFrame, report: IngestReport) -> pd.DataFrame:
     """Typed columns; rows whose values do not parse are dropped and counted as rejected."""
+    coded = _parse_coded(frame, report)
+    texts = {name: dtype.categories.dtype for name, dtype in coded.dtypes.items()
+             if isinstance(dtype, pd.CategoricalDtype)}
+    return coded.astype(texts)
+
+
+def _parse_coded(frame: pd.DataFrame, report: IngestReport) -> pd.DataFrame:
+    """`parse`, its text columns left as categoricals: the load hashes and encodes each distinct text once."""
     parsed = pd.DataFrame(index=frame.index)
     parsed["invoice_no"] = _each_distinct(frame["invoice_no"], _stripped)
     parsed["stock_code"] = _each_distinct(frame["stock_code"], _stripped)
@@ -208,9 +229,18 @@ def parse(frame: pd.DataFrame, report: IngestReport) -> pd.DataFrame:
 
 
 def _each_distinct(values: pd.Series, convert: Callable[[pd.Series], pd.Series]) -> pd.Series:
-    """`convert(values)`, computed once per distinct value: a column repeats a few thousand values in 400k rows."""
+    """`convert(values)`, computed once per distinct value: a column repeats a few thousand values in 400k rows.
+
+    Texts come back as a categorical (equal texts after conversion share a code), numbers and times as such.
+    """
     codes, distinct = pd.factorize(values, use_na_sentinel=False)
-    converted = convert(pd.Series(distinct)).take(codes)
+    if isinstance(distinct, pd.CategoricalIndex):  # cleaned columns: the texts themselves, as read
+        distinct = distinct.astype(distinct.categories.dtype)
+    converted = convert(pd.Series(distinct))
+    if pd.api.types.is_string_dtype(converted.dtype):
+        recoded, texts = pd.factorize(converted)
+        return pd.Series(pd.Categorical.from_codes(recoded[codes], texts), index=values.index)
+    converted = converted.take(codes)
     converted.index = values.index
     return converted
 
@@ -254,7 +284,7 @@ def ingest_file(
     step("read")
     cleaned = clean(frame, report)
     step("clean")
-    rows = parse(cleaned, report)
+    rows = _parse_coded(cleaned, report)
     step("parse")
     if rows.empty and report.rows_rejected:
         example = report.rejected_examples[0] if report.rejected_examples else {}
@@ -508,50 +538,58 @@ def _insert_products_and_customers(conn: Connection, rows: pd.DataFrame) -> None
 
 
 def _copy_hashed_purchases(conn: Connection, rows: pd.DataFrame) -> np.ndarray:
-    """COPY the rows into purchases (binary format), one per row hash, in hash order; returns their positions."""
-    hashed_parts, fields = [], []
-    for index, (column, (texts_of, binary_of)) in enumerate(_HASHED_COLUMNS.items()):
-        parts, column_fields = _hash_parts_and_fields(rows[column], texts_of, binary_of, separator=index > 0)
+    """COPY the rows into purchases (binary format), one per row hash, in hash order; returns their positions.
+
+    The hashed text and the binary row are both the columns in one order, so each is assembled from a few
+    pieces per row: consecutive columns whose combinations repeat (a code and its description, an invoice's
+    time, customer and country) are worked out once per distinct combination. The rows go out in chunks as
+    they are assembled, so Postgres stores one chunk while the next is put together.
+    """
+    group_codes, hashed_parts, fields = [], [], []
+    for columns in _COLUMN_GROUPS:
+        codes, parts, column_fields = _group_parts_and_fields(rows, columns)
+        group_codes.append(codes)
         hashed_parts.append(parts)
         fields.append(column_fields)
     join = b"".join
-    digests = [hashlib.md5(join(parts)).digest() for parts in zip(*hashed_parts, strict=True)]
-    copy_rows = [
-        join((_ROW_START, digest, invoice, code, description, quantity, price, at, customer, country))
-        for digest, invoice, code, description, quantity, price, at, customer, country in zip(
-            digests, *fields, strict=True
-        )
-    ]
+    row_parts = [parts[codes].tolist() for parts, codes in zip(hashed_parts, group_codes, strict=True)]
+    digests = [hashlib.md5(join(pieces)).digest() for pieces in zip(*row_parts, strict=True)]
     in_hash_order = _first_of_each_hash_in_order(digests)
-    ordered = np.array(copy_rows, dtype=object)[in_hash_order]
+    digest_array = np.array(digests, dtype=object)
     raw = conn.connection.driver_connection
     with raw.cursor() as cursor, cursor.copy(
         f"COPY purchases (row_hash, {', '.join(_HASHED_COLUMNS)}) FROM STDIN (FORMAT binary)"
     ) as copy:
         copy.write(_BINARY_COPY_HEADER)
-        for start in range(0, len(ordered), _COPY_CHUNK_ROWS):
-            copy.write(join(ordered[start:start + _COPY_CHUNK_ROWS]))
+        for start in range(0, len(in_hash_order), _COPY_CHUNK_ROWS):
+            positions = in_hash_order[start:start + _COPY_CHUNK_ROWS]
+            pieces = [[_ROW_START] * len(positions), digest_array[positions].tolist()]
+            pieces += [group[codes[positions]].tolist() for group, codes in zip(fields, group_codes, strict=True)]
+            copy.write(join(map(join, zip(*pieces, strict=True))))
         copy.write(_BINARY_COPY_TRAILER)
     return in_hash_order
 
 
-def _hash_parts_and_fields(
-    values: pd.Series,
-    texts_of: Callable[[pd.Series], list[str | None]],
-    binary_of: Callable[[str], bytes],
-    separator: bool,
-) -> tuple[list[bytes], list[bytes]]:
-    """Per row, the column's part of the hashed text (concat_ws skips a NULL) and its binary COPY field.
-
-    Both are worked out once per distinct value from the text Postgres prints for the stored value. Only
-    the first column goes without the separator: it is invoice_no, which is never NULL.
-    """
-    codes, distinct = pd.factorize(values)
-    texts = texts_of(pd.Series(distinct))
-    prefix = b"|" if separator else b""
-    parts = np.array([b"" if shown is None else prefix + shown.encode() for shown in texts], dtype=object)
-    fields = np.array([_NULL_FIELD if shown is None else _field(binary_of(shown)) for shown in texts], dtype=object)
-    return parts[codes].tolist(), fields[codes].tolist()
+def _group_parts_and_fields(rows: pd.DataFrame, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, a code for its combination of these columns' values; per combination, its part of the hashed
+    text (concat_ws: a separator before every column but the first, nothing for a NULL) and its binary COPY
+    fields, worked out from the text Postgres prints for each stored value."""
+    combined = np.zeros(len(rows), dtype=np.intp)
+    per_column = []
+    for column in columns:
+        texts_of, binary_of = _HASHED_COLUMNS[column]
+        codes, distinct = pd.factorize(rows[column])
+        texts = texts_of(pd.Series(distinct))
+        prefix = b"" if column == _FIRST_HASHED_COLUMN else b"|"
+        parts = [b"" if shown is None else prefix + shown.encode() for shown in texts]
+        column_fields = [_NULL_FIELD if shown is None else _field(binary_of(shown)) for shown in texts]
+        per_column.append((codes, parts, column_fields))
+        combined, _ = pd.factorize(combined * len(distinct) + codes)  # stays below the row count: no overflow
+    first_rows = np.unique(combined, return_index=True)[1].tolist()
+    join = b"".join
+    parts = [join(texts[codes[row]] for codes, texts, _ in per_column) for row in first_rows]
+    group_fields = [join(binary[codes[row]] for codes, _, binary in per_column) for row in first_rows]
+    return combined, np.array(parts, dtype=object), np.array(group_fields, dtype=object)
 
 
 def _first_of_each_hash_in_order(digests: list[bytes]) -> np.ndarray:
@@ -627,6 +665,12 @@ _HASHED_COLUMNS: dict[str, tuple[Callable[[pd.Series], list], Callable[[str], by
     "customer_id": (_integer_texts, _int8),
     "country": (_texts, _utf8),
 }
+# The hashed columns in runs whose value combinations repeat; together, in order, they are _HASHED_COLUMNS.
+_COLUMN_GROUPS = (
+    ("invoice_no",), ("stock_code", "description"), ("quantity", "unit_price"),
+    ("invoiced_at", "customer_id", "country"),
+)
+_FIRST_HASHED_COLUMN = next(iter(_HASHED_COLUMNS))
 _NUMERIC_SCALE = Decimal("0.001")
 _DECIMAL_DUMPER = psycopg.adapters.get_dumper(Decimal, PyFormat.BINARY)(Decimal)
 _POSTGRES_EPOCH = datetime(2000, 1, 1)
@@ -634,7 +678,7 @@ _NULL_FIELD = struct.pack(">i", -1)
 _ROW_START = struct.pack(">hi", 1 + len(_HASHED_COLUMNS), 16)  # field count, then the 16-byte hash's length
 _BINARY_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _BINARY_COPY_TRAILER = struct.pack(">h", -1)
-_COPY_CHUNK_ROWS = 50_000
+_COPY_CHUNK_ROWS = 10_000
 
 
 def refresh_aggregates(conn: Connection) -> None:
