@@ -64,7 +64,8 @@ def workload(settings: Settings, count: int, ranker: str, seed: int) -> list[dic
     pairs: set[tuple[int, str]] = set()
     while len(pairs) < count:
         pairs.add((rng.choice(customers), rng.choice(queries)))
-    ordered = sorted(pairs, key=lambda _: rng.random())
+    ordered = sorted(pairs)  # a set's order follows PYTHONHASHSEED: sort, then shuffle with the seeded generator
+    rng.shuffle(ordered)
     return [{"customer_id": c, "query": q, "k": 10, "ranker": ranker} for c, q in ordered]
 
 
