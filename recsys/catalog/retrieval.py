@@ -15,7 +15,7 @@ from sqlalchemy import Connection, text
 
 from recsys.catalog.embedding import encode_query
 from recsys.config import Settings
-from recsys.platform.db import get_engine
+from recsys.platform.db import VectorArray, get_engine
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ def search_many(
                 ORDER BY q.ord, s.distance, s.stock_code
                 """
             ),
-            {"vectors": [np.asarray(v, dtype=np.float32) for v in query_embeddings], "customers": excludes, "k": k},
+            {"vectors": VectorArray(np.asarray(v, dtype=np.float32) for v in query_embeddings), "customers": excludes,
+             "k": k},
         ).all()
     results: list[list[SearchHit]] = [[] for _ in query_embeddings]
     for r in rows:

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg.types.array import ListBinaryDumper
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -128,6 +129,11 @@ def _on_pooled_driver_connection(engine: Engine, work: Callable[[psycopg.Connect
         pooled.close()
 
 
+class VectorArray(list):
+    """Vectors (numpy arrays, or None) for one `vector[]` parameter, sent in binary: psycopg dumps a plain
+    list's elements as text, ~0.4 ms of Python for each 384-float vector. The values are the same float32s."""
+
+
 def _register_vector_types(dbapi_connection, connection_record, connection_proxy) -> None:
     """pgvector's psycopg types on each pooled connection: numpy arrays go to SQL as `vector` (binary),
     and vectors come back as `pgvector.Vector`.
@@ -141,6 +147,7 @@ def _register_vector_types(dbapi_connection, connection_record, connection_proxy
     dbapi_connection.autocommit = True
     try:
         register_vector(dbapi_connection)
+        dbapi_connection.adapters.register_dumper(VectorArray, ListBinaryDumper)
         connection_record.info["vector_types"] = True
     except psycopg.ProgrammingError:
         pass

@@ -29,7 +29,7 @@ import numpy as np
 from sqlalchemy import text
 
 from recsys.config import Settings
-from recsys.platform.db import get_engine
+from recsys.platform.db import VectorArray, get_engine
 from recsys.rankers.base import Candidate, RankRequest
 
 SOURCES = ("vector", "repeat", "copurchase", "popular")
@@ -233,7 +233,7 @@ def read_features(
             "bare_reqs": [i for i, _ in bare],
             "bare_pair_codes": [code for _, code in bare],
             "query_reqs": list(queries),
-            "query_vectors": list(queries.values()),
+            "query_vectors": VectorArray(queries.values()),
             "hist_reqs": [i for i, _ in history],
             "hist_codes": [code for _, code in history],
             "bare_customers": sorted({requests[i].customer_id for i in bare_requests} - {None}),

@@ -44,7 +44,7 @@ from sqlalchemy import text
 
 from recsys.catalog.history import HISTORY_ITEMS
 from recsys.config import Settings
-from recsys.platform.db import get_engine
+from recsys.platform.db import VectorArray, get_engine
 from recsys.rankers.base import CANDIDATE_SOURCES, Candidate
 
 log = logging.getLogger(__name__)
@@ -478,9 +478,8 @@ def candidates_batch(
     recent_pairs = [(c, code) for c in customer_set for code in recent.get(c, ())]
     params = {
         "as_of": as_of,
-        # numpy arrays go as pgvector values in binary: a list of floats in text cost ~1 ms per request
-        "query_vectors": [None if r.query_vector is None else np.asarray(r.query_vector, dtype=np.float32)
-                          for r in requests],
+        "query_vectors": VectorArray(None if r.query_vector is None else np.asarray(r.query_vector, dtype=np.float32)
+                                     for r in requests),
         "customers": [r.customer_id for r in requests],
         "excludes": [bool(r.exclude_purchased and r.customer_id is not None) for r in requests],
         "query_texts": [r.query if r.query_vector is not None else None for r in requests],
