@@ -68,6 +68,33 @@ def test_the_pushed_rerank_message_is_the_one_celery_sends(flushed_broker):
                - time.mktime(time.strptime(etas[1][:19], "%Y-%m-%dT%H:%M:%S"))) <= 2
 
 
+def test_a_push_to_a_broker_that_went_away_fails_fast_and_the_next_one_reconnects(tmp_path):
+    from conftest import free_port
+
+    from recsys.config import Settings
+    from recsys.platform import embedded
+
+    settings = Settings(home=tmp_path / "own-broker", broker_port=free_port())
+    embedded.start_broker(settings)
+    try:
+        broker.send_rerank(str(uuid.uuid4()), settings)  # through send_task, which declares the queue
+        broker.send_rerank(str(uuid.uuid4()), settings)  # pushed, on a connection the process keeps
+        embedded.stop_broker(settings)
+        started = time.monotonic()
+        try:
+            broker.send_rerank(str(uuid.uuid4()), settings)
+            raise AssertionError("a push to a stopped broker succeeded")
+        except broker.BrokerUnavailable:
+            assert time.monotonic() - started < 5
+        embedded.start_broker(settings)
+        job_id = str(uuid.uuid4())
+        broker.send_rerank(job_id, settings)
+        assert [message["headers"]["id"] for message in rerank_list(settings)] == [job_id]
+    finally:
+        broker.reset_clients()
+        embedded.stop_broker(settings)
+
+
 def test_the_cache_key_is_the_documented_hash_and_moves_with_what_changes_answers(loaded_db, flushed_broker):
     engine = get_engine(loaded_db)
     for asked in (payload(), payload(customer_id=None), payload(customer_id=99999)):
