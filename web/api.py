@@ -83,11 +83,24 @@ def _idempotency_key() -> str | None:
     return key.strip() if key is not None else None
 
 
+_job_url_prefixes: dict[str, str] = {}
+
+
+def _job_url(job_id: str) -> str:
+    """`url_for("api.get_job", job_id=job_id)` for a job id (a UUID: nothing in it to quote), with the part before
+    the id built once per script root: url_for itself cost ~3% of a submission's CPU."""
+    root = request.script_root
+    prefix = _job_url_prefixes.get(root)
+    if prefix is None:
+        prefix = _job_url_prefixes[root] = url_for("api.get_job", job_id="-")[:-1]
+    return prefix + job_id
+
+
 def _submission(outcome):
     """200 with the result when the submit was answered (cache or a finished job), else 202 with the job to poll."""
     job_id = str(outcome.job_id) if outcome.job_id else None
     body = {"job_id": job_id, "status": outcome.status, "cached": outcome.cached, "created": outcome.created,
-            "status_url": url_for("api.get_job", job_id=job_id) if job_id else None}
+            "status_url": _job_url(job_id) if job_id else None}
     if outcome.result_json is not None:
         # the stored result goes in as the database printed it: parsing and re-encoding it cost more than the rest
         return _json_document(f'{json.dumps(body, separators=(",", ":"))[:-1]},"result":{outcome.result_json}}}')
