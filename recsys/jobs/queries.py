@@ -42,9 +42,9 @@ def get_job_json(job_id, settings: Settings) -> str | None:
     if parsed is None:
         return None
 
-    def read(db: psycopg.Connection):
-        with db.cursor(row_factory=namedtuple_row) as cursor:
-            return cursor.execute(JOB_AS_TEXT, {"id": parsed}).fetchone()
+    def read(cursor: psycopg.Cursor):
+        row = cursor.execute(JOB_AS_TEXT, {"id": parsed}).fetchone()
+        return namedtuple_row(cursor)(row) if row is not None else None
 
     row = run_bare(settings, read)
     return job_json(row) if row is not None else None

@@ -137,14 +137,14 @@ def _answer_or_queue(kind, request, row: dict, settings: Settings) -> tuple[str,
     return read_once(settings, key_and_answer)
 
 
-def _recommendation_or_job(db: psycopg.Connection, request, row: dict, settings: Settings):
+def _recommendation_or_job(db: psycopg.Cursor, request, row: dict, settings: Settings):
     parameters = {**row, **cache.key_parameters(request, settings), "needs_purchases": cache.needs_purchases(request)}
     purchases, key, result, made_by, queued = db.execute(ANSWER_OR_QUEUE, parameters).fetchone()
     cache.check_servable(request, purchases)
     return key, cache.CachedAnswer(result, made_by) if result is not None else None, queued
 
 
-def _insert_job(db: psycopg.Connection, row: dict, stored_request: dict) -> SubmitOutcome | None:
+def _insert_job(db: psycopg.Cursor, row: dict, stored_request: dict) -> SubmitOutcome | None:
     """Insert the queued job (committed when this returns); the job first made with its idempotency key, if any."""
     if db.execute(INSERT_JOB, row).fetchone() is not None:
         return None
@@ -161,7 +161,7 @@ def submit_discover(payload, settings: Settings, *, idempotency_key: str | None 
     return submit_job("discover", payload, settings, idempotency_key=idempotency_key)
 
 
-def _existing_for_key(db: psycopg.Connection, idempotency_key: str, stored_request: dict) -> SubmitOutcome | None:
+def _existing_for_key(db: psycopg.Cursor, idempotency_key: str, stored_request: dict) -> SubmitOutcome | None:
     row = db.execute(JOB_FOR_KEY, {"k": idempotency_key}).fetchone()
     if row is None:
         return None

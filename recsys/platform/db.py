@@ -97,16 +97,17 @@ def read_once(settings: Settings, read: Callable[[Connection], T]) -> T:
         return read(conn)
 
 
-def run_bare(settings: Settings, work: Callable[[psycopg.Connection], T]) -> T:
-    """`work(conn)` on the psycopg connection itself, from the autocommit, unpinged pool `read_once` uses: each
-    statement is its own transaction, committed (durably, with the server's synchronous_commit) when it returns.
+def run_bare(settings: Settings, work: Callable[[psycopg.Cursor], T]) -> T:
+    """`work(cursor)` on a psycopg cursor of its own, on a connection of the autocommit, unpinged pool `read_once`
+    uses: each statement is its own transaction, committed (durably, with the server's synchronous_commit) when
+    it returns.
 
     For the API's busiest statements: SQLAlchemy's statement layer (compiled-statement lookup, result
-    metadata) costs about 110 µs a statement here, more than a small query itself, and so does checking a
-    connection out of the pool and back in, so run_bare keeps a few connections checked out for itself
-    (`_Kept`). Errors are raised as SQLAlchemy's (OperationalError, DataError, ...) so callers and error
-    handlers see one kind; a dead connection is dropped with the rest of the pool and `work` runs once more,
-    so it must be safe to repeat.
+    metadata) costs about 110 µs a statement here, more than a small query itself, and checking a connection
+    out of the pool and back in, or making a cursor, is a few tens more; so run_bare keeps a few connections
+    checked out for itself, each with its cursor (`_Kept`). Errors are raised as SQLAlchemy's (OperationalError,
+    DataError, ...) so callers and error handlers see one kind; a dead connection is dropped with the rest of
+    the pool and `work` runs once more, so it must be safe to repeat.
     """
     engine = _autocommit_engine(settings)
     try:
@@ -118,11 +119,12 @@ def run_bare(settings: Settings, work: Callable[[psycopg.Connection], T]) -> T:
 
 
 class _Kept:
-    """Connections of one engine's pool that stay checked out between `run_bare` calls, at most `size` idle.
+    """Connections of one engine's pool that stay checked out between `run_bare` calls, each with a cursor, at
+    most `size` idle.
 
     Taking one is a list pop (a pool check-out and check-in cost ~7 µs alone, several times that inside a
-    request). Only a connection that ends idle, outside any transaction, is kept; a dead one is invalidated
-    and the engine disposed, as before.
+    request; a new cursor ~13). Only a connection that ends idle, outside any transaction, is kept; a dead
+    one is invalidated and the engine disposed, as before.
     """
 
     size = 5
@@ -130,35 +132,38 @@ class _Kept:
     def __init__(self):
         self.idle: list = []
 
-    def take(self, engine: Engine):
+    def take(self, engine: Engine) -> tuple:
         try:
             return self.idle.pop()  # atomic: threads never get the same connection
         except IndexError:
-            return engine.raw_connection()
+            pooled = engine.raw_connection()
+            return pooled, pooled.driver_connection.cursor()
 
-    def give_back(self, pooled) -> None:
+    def give_back(self, kept: tuple) -> None:
+        pooled = kept[0]
         status = pooled.driver_connection.info.transaction_status
         if status != psycopg.pq.TransactionStatus.IDLE:
             pooled.invalidate()
         elif len(self.idle) < self.size:
-            self.idle.append(pooled)
+            self.idle.append(kept)
         else:
             pooled.close()
 
     def close(self) -> None:
         while self.idle:
-            self.idle.pop().invalidate()
+            self.idle.pop()[0].invalidate()
 
 
 _kept: dict[Engine, _Kept] = {}
 os.register_at_fork(after_in_child=_kept.clear)  # a forked child never touches its parent's connections
 
 
-def _on_kept_connection(engine: Engine, work: Callable[[psycopg.Connection], T]) -> T:
+def _on_kept_connection(engine: Engine, work: Callable[[psycopg.Cursor], T]) -> T:
     kept = _kept.get(engine) or _kept.setdefault(engine, _Kept())
-    pooled = kept.take(engine)
+    connection = kept.take(engine)
+    pooled, cursor = connection
     try:
-        result = work(pooled.driver_connection)
+        result = work(cursor)
     except psycopg.Error as exc:
         dead = bool(pooled.driver_connection.broken or pooled.driver_connection.closed)
         if dead:
@@ -166,12 +171,12 @@ def _on_kept_connection(engine: Engine, work: Callable[[psycopg.Connection], T])
             kept.close()
             engine.dispose()
         else:
-            kept.give_back(pooled)
+            kept.give_back(connection)
         raise DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=dead) from exc
     except BaseException:
-        kept.give_back(pooled)
+        kept.give_back(connection)
         raise
-    kept.give_back(pooled)
+    kept.give_back(connection)
     return result
 
 
