@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import psycopg
 from psycopg.adapt import PyFormat
+from psycopg.copy import QueuedLibpqWriter
 from sqlalchemy import Connection, text
 
 from recsys.catalog.copurchase import count_new_purchases, defer_counting, rebuild_copurchase
@@ -542,8 +543,9 @@ def _copy_hashed_purchases(conn: Connection, rows: pd.DataFrame) -> np.ndarray:
 
     The hashed text and the binary row are both the columns in one order, so each is assembled from a few
     pieces per row: consecutive columns whose combinations repeat (a code and its description, an invoice's
-    time, customer and country) are worked out once per distinct combination. The rows go out in chunks as
-    they are assembled, so Postgres stores one chunk while the next is put together.
+    time, customer and country) are worked out once per distinct combination. A writer thread sends each
+    chunk of rows while the next is put together: a plain write returns only once Postgres has read most
+    of the chunk, so assembling and storing would take turns.
     """
     group_codes, hashed_parts, fields = [], [], []
     for columns in _COLUMN_GROUPS:
@@ -558,7 +560,8 @@ def _copy_hashed_purchases(conn: Connection, rows: pd.DataFrame) -> np.ndarray:
     digest_array = np.array(digests, dtype=object)
     raw = conn.connection.driver_connection
     with raw.cursor() as cursor, cursor.copy(
-        f"COPY purchases (row_hash, {', '.join(_HASHED_COLUMNS)}) FROM STDIN (FORMAT binary)"
+        f"COPY purchases (row_hash, {', '.join(_HASHED_COLUMNS)}) FROM STDIN (FORMAT binary)",
+        writer=QueuedLibpqWriter(cursor),
     ) as copy:
         copy.write(_BINARY_COPY_HEADER)
         for start in range(0, len(in_hash_order), _COPY_CHUNK_ROWS):
