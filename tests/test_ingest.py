@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from recsys.catalog.ingest import IngestError, ingest_file, is_non_product
+from recsys.catalog.ingest import IngestError, ingest_file, is_non_product, refresh_aggregates
 from recsys.cli import cli
 
 HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
@@ -186,6 +186,11 @@ def test_full_bundled_file(db, engine):
     assert report.customers_total == 4_339
     assert report.products_total == 3_665
     assert counts(engine)["purchases"] == 392_732
+    # The first load set products' and customers' aggregates from the frame: SQL's recomputation agrees.
+    from_the_frame = stored(engine)
+    with engine.begin() as conn:
+        refresh_aggregates(conn)
+    assert stored(engine) == from_the_frame
 
 
 # Rows whose stored text is easy to get wrong: prices that round (half away from zero) or print in exponent

@@ -388,8 +388,9 @@ _FIRST_LOAD_ROWS = f"SELECT DISTINCT ON (row_hash) * FROM ({_HASHED_STAGING}) ha
 def _load(conn: Connection, rows: pd.DataFrame, report: IngestReport, step: ProgressCallback) -> None:
     first_load = not conn.execute(text("SELECT EXISTS (SELECT 1 FROM purchases)")).scalar_one()
     defer_counting(conn)
+    aggregated = False
     if first_load and _hashes_match_this_session(conn):
-        report.rows_new = _first_load(conn, rows, report, step)
+        report.rows_new, aggregated = _first_load(conn, rows, report, step)
     else:
         _load_through_staging(conn, rows, report, step, first_load)
     step("insert")
@@ -399,7 +400,8 @@ def _load(conn: Connection, rows: pd.DataFrame, report: IngestReport, step: Prog
         report.customers_total = conn.execute(text("SELECT count(*) FROM customers")).scalar_one()
         report.products_total = conn.execute(text("SELECT count(*) FROM products")).scalar_one()
         return
-    refresh_aggregates(conn)
+    if not aggregated:
+        refresh_aggregates(conn)
     step("aggregate")
     report.purchases_total = conn.execute(text("SELECT count(*) FROM purchases")).scalar_one()
     copurchase_started = time.perf_counter()
@@ -491,28 +493,36 @@ def _hashes_match_this_session(conn: Connection) -> bool:
     ).scalar_one()
 
 
-def _first_load(conn: Connection, rows: pd.DataFrame, report: IngestReport, step: ProgressCallback) -> int:
+def _first_load(
+    conn: Connection, rows: pd.DataFrame, report: IngestReport, step: ProgressCallback
+) -> tuple[int, bool]:
     """Into an empty purchases table: no staging table, no 400k-row sorts in SQL.
 
-    Products and customers come from the frame; the purchases are hashed here and COPied straight in, one
-    row per hash, in hash order: the order the staging path's DISTINCT ON inserted them in, so ids and the
-    table's layout are what they were. Indexes and foreign keys are built once after the rows. Returns how
-    many rows were loaded.
+    The purchases are hashed here and COPied straight in, one row per hash, in hash order: the order the
+    staging path's DISTINCT ON inserted them in, so ids and the table's layout are what they were. Indexes
+    and foreign keys are built once after the rows. Into an empty catalog, products and customers are
+    inserted with what refresh_aggregates would set, worked out from the loaded rows, instead of being
+    updated from 400k purchases afterwards. Returns how many rows were loaded and whether the aggregates
+    are set.
     """
-    _insert_products_and_customers(conn, rows)
+    catalog_empty = not conn.execute(
+        text("SELECT EXISTS (SELECT 1 FROM products) OR EXISTS (SELECT 1 FROM customers)")
+    ).scalar_one()
+    if not catalog_empty:
+        _insert_products_and_customers(conn, rows)
     with indexes_rebuilt_after(conn, "purchases"):
         loaded = _copy_hashed_purchases(conn, rows)
         report.rows_loaded = len(rows)
         step("copy")
-    return len(loaded)
+        if catalog_empty:  # the foreign keys are checked when the block ends, after these rows are in
+            _insert_aggregated_catalog(conn, rows, loaded)
+    return len(loaded), catalog_empty
 
 
 def _insert_products_and_customers(conn: Connection, rows: pd.DataFrame) -> None:
     """The products and customers the staging path inserts, taken from the frame.
 
-    A product's description is a placeholder until refresh_aggregates sets the canonical one. A customer's
-    country is that of their latest purchase; where lines tie on time, the first in the file (the staging
-    path took whichever its sort put first).
+    A product's description is a placeholder until refresh_aggregates sets the canonical one.
     """
     products = rows.drop_duplicates("stock_code")
     conn.execute(
@@ -525,7 +535,7 @@ def _insert_products_and_customers(conn: Connection, rows: pd.DataFrame) -> None
         ),
         {"codes": products["stock_code"].tolist(), "descriptions": products["description"].tolist()},
     )
-    latest = rows.loc[rows.groupby("customer_id")["invoiced_at"].idxmax()]
+    latest = _latest_purchase_of_each_customer(rows)
     conn.execute(
         text(
             """
@@ -536,6 +546,97 @@ def _insert_products_and_customers(conn: Connection, rows: pd.DataFrame) -> None
         ),
         {"ids": latest["customer_id"].tolist(), "countries": _texts(latest["country"])},
     )
+
+
+def _latest_purchase_of_each_customer(rows: pd.DataFrame) -> pd.DataFrame:
+    """A customer's country is that of their latest purchase; where lines tie on time, the first in the file
+    (the staging path took whichever its sort put first)."""
+    return rows.loc[rows.groupby("customer_id")["invoiced_at"].idxmax()]
+
+
+def _insert_aggregated_catalog(conn: Connection, rows: pd.DataFrame, loaded: np.ndarray) -> None:
+    """Insert products and customers as refresh_aggregates leaves them, from the rows at positions `loaded`.
+
+    Counts, sums, first and last times are exact in pandas. The median price is Postgres's percentile_cont
+    step for step over the float8 of each stored price. Which description is canonical is left to SQL over
+    the (code, description, count) triples, so that ties are broken in the database's collation.
+    """
+    purchases = rows.iloc[loaded]
+    code_ids, codes = pd.factorize(purchases["stock_code"])
+    price_ids, prices = pd.factorize(purchases["unit_price"])
+    stored_prices = np.array([float(shown) for shown in _numeric_texts(pd.Series(prices))])[price_ids]
+    per_code = pd.DataFrame({
+        "code": code_ids, "quantity": purchases["quantity"].to_numpy(),
+        "customer": purchases["customer_id"].to_numpy(),
+    }).groupby("code")
+    lines = per_code.size().to_numpy()
+    descriptions = purchases.groupby(["stock_code", "description"], observed=True, sort=False).size()
+    conn.execute(
+        text(
+            f"""
+            INSERT INTO products (stock_code, description, purchase_count, quantity_total, customer_count, price,
+                                  is_non_product)
+            SELECT stock_code, description, purchase_count, quantity_total, customer_count, price, {_IS_NON_PRODUCT}
+            FROM (
+                SELECT DISTINCT ON (d.stock_code) d.stock_code, d.description, s.purchase_count, s.quantity_total,
+                       s.customer_count, s.price
+                FROM unnest(CAST(:pair_codes AS text[]), CAST(:pair_descriptions AS text[]),
+                            CAST(:pair_lines AS bigint[])) AS d (stock_code, description, n)
+                JOIN unnest(CAST(:codes AS text[]), CAST(:purchase_counts AS bigint[]),
+                            CAST(:quantity_totals AS bigint[]), CAST(:customer_counts AS bigint[]),
+                            CAST(:prices AS float8[])) AS s (stock_code, purchase_count, quantity_total,
+                                                             customer_count, price)
+                  ON s.stock_code = d.stock_code
+                ORDER BY d.stock_code, d.n DESC, d.description
+            ) canonical
+            ORDER BY stock_code
+            """
+        ),
+        {
+            "pair_codes": _texts(descriptions.index.get_level_values("stock_code").to_series()),
+            "pair_descriptions": _texts(descriptions.index.get_level_values("description").to_series()),
+            "pair_lines": descriptions.tolist(),
+            "codes": _texts(pd.Series(codes)),
+            "purchase_counts": lines.tolist(),
+            "quantity_totals": per_code["quantity"].sum().tolist(),
+            "customer_counts": per_code["customer"].nunique().tolist(),
+            "prices": _percentile_cont_median(code_ids, stored_prices, lines).tolist(),
+            **_NON_PRODUCT_PARAMETERS,
+        },
+    )
+    per_customer = pd.DataFrame({
+        "customer_id": purchases["customer_id"].to_numpy(), "at": purchases["invoiced_at"].to_numpy(),
+    }).groupby("customer_id")["at"].agg(["size", "min", "max"])
+    latest = _latest_purchase_of_each_customer(rows).set_index("customer_id")["country"]
+    conn.execute(
+        text(
+            """
+            INSERT INTO customers (customer_id, country, purchase_count, first_purchase_at, last_purchase_at)
+            SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:countries AS text[]), CAST(:counts AS integer[]),
+                                 CAST(:firsts AS timestamp[]), CAST(:lasts AS timestamp[]))
+            ORDER BY 1
+            """
+        ),
+        {
+            "ids": per_customer.index.tolist(),
+            "countries": _texts(latest.reindex(per_customer.index)),
+            "counts": per_customer["size"].tolist(),
+            "firsts": per_customer["min"].dt.to_pydatetime().tolist(),
+            "lasts": per_customer["max"].dt.to_pydatetime().tolist(),
+        },
+    )
+
+
+def _percentile_cont_median(group_ids: np.ndarray, values: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Per group (ids 0..n-1, `sizes` rows each), percentile_cont(0.5) as Postgres computes it in float8:
+    the rows at floor and ceil of 0.5 * (n - 1) in order, lo + (hi - lo) * the fraction between them."""
+    ordered = values[np.lexsort((values, group_ids))]
+    starts = np.cumsum(sizes) - sizes
+    position = 0.5 * (sizes - 1)
+    below, above = np.floor(position), np.ceil(position)
+    low = ordered[starts + below.astype(np.intp)]
+    high = ordered[starts + above.astype(np.intp)]
+    return np.where(below == above, low, low + (high - low) * (position - below))
 
 
 def _copy_hashed_purchases(conn: Connection, rows: pd.DataFrame) -> np.ndarray:
@@ -684,6 +785,14 @@ _BINARY_COPY_TRAILER = struct.pack(">h", -1)
 _COPY_CHUNK_ROWS = 10_000
 
 
+# is_non_product in SQL, over a column named stock_code (is_non_product() above says the same in Python).
+_IS_NON_PRODUCT = "stock_code = ANY(:non_product_codes) OR stock_code LIKE ANY(:non_product_patterns)"
+_NON_PRODUCT_PARAMETERS = {
+    "non_product_codes": sorted(NON_PRODUCT_CODES),
+    "non_product_patterns": [f"{prefix}%" for prefix in NON_PRODUCT_PREFIXES],
+}
+
+
 def refresh_aggregates(conn: Connection) -> None:
     """Recompute what products and customers derive from purchases.
 
@@ -723,10 +832,7 @@ def refresh_aggregates(conn: Connection) -> None:
             """
         )
     )
-    conn.execute(
-        text("UPDATE products SET is_non_product = (stock_code = ANY(:codes) OR stock_code LIKE ANY(:patterns))"),
-        {"codes": sorted(NON_PRODUCT_CODES), "patterns": [f"{prefix}%" for prefix in NON_PRODUCT_PREFIXES]},
-    )
+    conn.execute(text(f"UPDATE products SET is_non_product = ({_IS_NON_PRODUCT})"), _NON_PRODUCT_PARAMETERS)
     conn.execute(
         text(
             """
