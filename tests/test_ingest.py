@@ -292,3 +292,19 @@ def test_prices_are_rounded_as_postgres_rounds_them(engine):
             {"sent": sent},
         ).scalars().all()
     assert _numeric_texts(pd.Series(prices)) == expected
+
+
+def test_rows_are_ordered_by_the_whole_hash_and_the_first_of_equal_hashes_kept():
+    from recsys.catalog.ingest import _first_of_each_hash_in_order
+
+    shared_start = b"\x01" * 8
+    digests = [
+        shared_start + b"\x09" * 8,  # same first 8 bytes as the next: the last 8 decide
+        shared_start + b"\x02" * 8,
+        b"\x00" * 16,
+        shared_start + b"\x02" * 8,  # equal to row 1: row 1 is kept
+        b"\xff" * 16,
+    ]
+    assert _first_of_each_hash_in_order(digests).tolist() == [2, 1, 0, 4]
+    assert _first_of_each_hash_in_order([b"\x05" * 16, b"\x05" * 16]).tolist() == [0]
+    assert _first_of_each_hash_in_order([]).tolist() == []

@@ -19,7 +19,8 @@ import io
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -36,6 +37,11 @@ from recsys.catalog.copurchase import count_new_purchases, defer_counting, rebui
 from recsys.config import Settings
 from recsys.platform.bulk import indexes_rebuilt_after
 from recsys.platform.db import get_engine
+
+try:  # CPython's own MD5: twice as fast as OpenSSL's for a 100-byte row (no EVP context set up per call)
+    from _md5 import md5 as _row_md5
+except ImportError:
+    from hashlib import md5 as _row_md5
 
 log = logging.getLogger(__name__)
 
@@ -511,11 +517,12 @@ def _first_load(
     if not catalog_empty:
         _insert_products_and_customers(conn, rows)
     with indexes_rebuilt_after(conn, "purchases"):
-        loaded = _copy_hashed_purchases(conn, rows)
-        report.rows_loaded = len(rows)
+        with _hashed_purchases_copied(conn, rows) as loaded:
+            report.rows_loaded = len(rows)
+            catalog = _aggregated_catalog(rows, loaded) if catalog_empty else None  # while Postgres reads
         step("copy")
-        if catalog_empty:  # the foreign keys are checked when the block ends, after these rows are in
-            _insert_aggregated_catalog(conn, rows, loaded)
+        if catalog is not None:  # the foreign keys are checked when the block ends, after these rows are in
+            _insert_aggregated_catalog(conn, catalog)
     return len(loaded), catalog_empty
 
 
@@ -554,8 +561,9 @@ def _latest_purchase_of_each_customer(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.loc[rows.groupby("customer_id")["invoiced_at"].idxmax()]
 
 
-def _insert_aggregated_catalog(conn: Connection, rows: pd.DataFrame, loaded: np.ndarray) -> None:
-    """Insert products and customers as refresh_aggregates leaves them, from the rows at positions `loaded`.
+def _aggregated_catalog(rows: pd.DataFrame, loaded: np.ndarray) -> dict[str, dict]:
+    """What refresh_aggregates sets on products and customers, from the rows at positions `loaded`: the
+    parameters of _insert_aggregated_catalog's two statements.
 
     Counts, sums, first and last times are exact in pandas. The median price is Postgres's percentile_cont
     step for step over the float8 of each stored price. Which description is canonical is left to SQL over
@@ -571,6 +579,34 @@ def _insert_aggregated_catalog(conn: Connection, rows: pd.DataFrame, loaded: np.
     }).groupby("code")
     lines = per_code.size().to_numpy()
     descriptions = purchases.groupby(["stock_code", "description"], observed=True, sort=False).size()
+    per_customer = pd.DataFrame({
+        "customer_id": purchases["customer_id"].to_numpy(), "at": purchases["invoiced_at"].to_numpy(),
+    }).groupby("customer_id")["at"].agg(["size", "min", "max"])
+    latest = _latest_purchase_of_each_customer(rows).set_index("customer_id")["country"]
+    return {
+        "products": {
+            "pair_codes": _texts(descriptions.index.get_level_values("stock_code").to_series()),
+            "pair_descriptions": _texts(descriptions.index.get_level_values("description").to_series()),
+            "pair_lines": descriptions.tolist(),
+            "codes": _texts(pd.Series(codes)),
+            "purchase_counts": lines.tolist(),
+            "quantity_totals": per_code["quantity"].sum().tolist(),
+            "customer_counts": per_code["customer"].nunique().tolist(),
+            "prices": _percentile_cont_median(code_ids, stored_prices, lines).tolist(),
+            **_NON_PRODUCT_PARAMETERS,
+        },
+        "customers": {
+            "ids": per_customer.index.tolist(),
+            "countries": _texts(latest.reindex(per_customer.index)),
+            "counts": per_customer["size"].tolist(),
+            "firsts": per_customer["min"].dt.to_pydatetime().tolist(),
+            "lasts": per_customer["max"].dt.to_pydatetime().tolist(),
+        },
+    }
+
+
+def _insert_aggregated_catalog(conn: Connection, catalog: dict[str, dict]) -> None:
+    """Insert products and customers, aggregates set, from what _aggregated_catalog worked out."""
     conn.execute(
         text(
             f"""
@@ -592,22 +628,8 @@ def _insert_aggregated_catalog(conn: Connection, rows: pd.DataFrame, loaded: np.
             ORDER BY stock_code
             """
         ),
-        {
-            "pair_codes": _texts(descriptions.index.get_level_values("stock_code").to_series()),
-            "pair_descriptions": _texts(descriptions.index.get_level_values("description").to_series()),
-            "pair_lines": descriptions.tolist(),
-            "codes": _texts(pd.Series(codes)),
-            "purchase_counts": lines.tolist(),
-            "quantity_totals": per_code["quantity"].sum().tolist(),
-            "customer_counts": per_code["customer"].nunique().tolist(),
-            "prices": _percentile_cont_median(code_ids, stored_prices, lines).tolist(),
-            **_NON_PRODUCT_PARAMETERS,
-        },
+        catalog["products"],
     )
-    per_customer = pd.DataFrame({
-        "customer_id": purchases["customer_id"].to_numpy(), "at": purchases["invoiced_at"].to_numpy(),
-    }).groupby("customer_id")["at"].agg(["size", "min", "max"])
-    latest = _latest_purchase_of_each_customer(rows).set_index("customer_id")["country"]
     conn.execute(
         text(
             """
@@ -617,13 +639,7 @@ def _insert_aggregated_catalog(conn: Connection, rows: pd.DataFrame, loaded: np.
             ORDER BY 1
             """
         ),
-        {
-            "ids": per_customer.index.tolist(),
-            "countries": _texts(latest.reindex(per_customer.index)),
-            "counts": per_customer["size"].tolist(),
-            "firsts": per_customer["min"].dt.to_pydatetime().tolist(),
-            "lasts": per_customer["max"].dt.to_pydatetime().tolist(),
-        },
+        catalog["customers"],
     )
 
 
@@ -639,14 +655,16 @@ def _percentile_cont_median(group_ids: np.ndarray, values: np.ndarray, sizes: np
     return np.where(below == above, low, low + (high - low) * (position - below))
 
 
-def _copy_hashed_purchases(conn: Connection, rows: pd.DataFrame) -> np.ndarray:
-    """COPY the rows into purchases (binary format), one per row hash, in hash order; returns their positions.
+@contextmanager
+def _hashed_purchases_copied(conn: Connection, rows: pd.DataFrame) -> Iterator[np.ndarray]:
+    """COPY the rows into purchases (binary format), one per row hash, in hash order; yields their positions.
 
     The hashed text and the binary row are both the columns in one order, so each is assembled from a few
     pieces per row: consecutive columns whose combinations repeat (a code and its description, an invoice's
     time, customer and country) are worked out once per distinct combination. A writer thread sends each
     chunk of rows while the next is put together: a plain write returns only once Postgres has read most
-    of the chunk, so assembling and storing would take turns.
+    of the chunk, so assembling and storing would take turns. The block runs once every row is queued,
+    while Postgres is still reading them; the COPY ends with it.
     """
     group_codes, hashed_parts, fields = [], [], []
     for columns in _COLUMN_GROUPS:
@@ -656,7 +674,7 @@ def _copy_hashed_purchases(conn: Connection, rows: pd.DataFrame) -> np.ndarray:
         fields.append(column_fields)
     join = b"".join
     row_parts = [parts[codes].tolist() for parts, codes in zip(hashed_parts, group_codes, strict=True)]
-    digests = [hashlib.md5(join(pieces)).digest() for pieces in zip(*row_parts, strict=True)]
+    digests = [_row_md5(join(pieces)).digest() for pieces in zip(*row_parts, strict=True)]
     in_hash_order = _first_of_each_hash_in_order(digests)
     digest_array = np.array(digests, dtype=object)
     raw = conn.connection.driver_connection
@@ -671,7 +689,7 @@ def _copy_hashed_purchases(conn: Connection, rows: pd.DataFrame) -> np.ndarray:
             pieces += [group[codes[positions]].tolist() for group, codes in zip(fields, group_codes, strict=True)]
             copy.write(join(map(join, zip(*pieces, strict=True))))
         copy.write(_BINARY_COPY_TRAILER)
-    return in_hash_order
+        yield in_hash_order
 
 
 def _group_parts_and_fields(rows: pd.DataFrame, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -697,12 +715,20 @@ def _group_parts_and_fields(rows: pd.DataFrame, columns: tuple[str, ...]) -> tup
 
 
 def _first_of_each_hash_in_order(digests: list[bytes]) -> np.ndarray:
-    """Row positions sorted by hash (bytea order), the first row of equal hashes only (as DISTINCT ON keeps one)."""
+    """Row positions sorted by hash (bytea order), the first row of equal hashes only (as DISTINCT ON keeps one).
+
+    A stable sort on the first 8 bytes is the whole order unless two different hashes share them (a 2**-64
+    chance a pair); only then are the last 8 bytes sorted too.
+    """
     if not digests:
         return np.empty(0, dtype=np.intp)
-    halves = np.frombuffer(b"".join(digests), dtype=">u8").reshape(-1, 2)
-    order = np.lexsort((halves[:, 1], halves[:, 0]))
+    halves = np.frombuffer(b"".join(digests), dtype=">u8").reshape(-1, 2).astype(np.uint64)
+    order = np.argsort(halves[:, 0], kind="stable")
     sorted_halves = halves[order]
+    same_start = sorted_halves[1:, 0] == sorted_halves[:-1, 0]
+    if (same_start & (sorted_halves[1:, 1] != sorted_halves[:-1, 1])).any():
+        order = np.lexsort((halves[:, 1], halves[:, 0]))
+        sorted_halves = halves[order]
     first = np.ones(len(order), dtype=bool)
     first[1:] = (sorted_halves[1:] != sorted_halves[:-1]).any(axis=1)
     return order[first]
