@@ -308,3 +308,22 @@ def test_rows_are_ordered_by_the_whole_hash_and_the_first_of_equal_hashes_kept()
     assert _first_of_each_hash_in_order(digests).tolist() == [2, 1, 0, 4]
     assert _first_of_each_hash_in_order([b"\x05" * 16, b"\x05" * 16]).tolist() == [0]
     assert _first_of_each_hash_in_order([]).tolist() == []
+
+
+def test_columns_of_number_like_texts_keep_their_text(db, engine, tmp_path):
+    """Codes, invoices, descriptions and countries that all look like numbers or booleans stay as written."""
+    body = (
+        "536365,085123,1.50,6,2010-12-01 08:26:00,3.39,17850,True\n"
+        "536365,85123,1.5,6,2010-12-01 08:26:00,3.39,17850,True\n"
+        "536366,85123,1.5,2,2010-12-01 08:28:00,2.95,17851,False\n"
+        "536366,085123,1.50,2,2010-12-01 08:28:00,2.95,17851,False\n"
+    )
+    report = ingest_file(write(tmp_path, "numbers.csv", body), db)
+    assert (report.rows_loaded, report.duplicate_rows) == (4, 0)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT stock_code, description FROM products ORDER BY 1")).all() == [
+            ("085123", "1.50"), ("85123", "1.5")]
+        assert conn.execute(text("SELECT customer_id, country FROM customers ORDER BY 1")).all() == [
+            (17850, "True"), (17851, "False")]
+        assert conn.execute(text("SELECT DISTINCT invoice_no FROM purchases ORDER BY 1")).scalars().all() == [
+            "536365", "536366"]

@@ -19,6 +19,7 @@ import io
 import logging
 import struct
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,8 @@ COLUMN_ALIASES = {
     "customer_id": ("CustomerID", "Customer ID"),
     "country": ("Country",),
 }
+# Columns parsed as numbers: read as plain text, each row's own (a categorical's would be parsed on reading).
+_NUMBER_COLUMNS = ("quantity", "unit_price", "customer_id")
 REQUIRED_COLUMNS = ("invoice_no", "stock_code", "description", "quantity", "invoiced_at", "unit_price", "customer_id")
 
 NON_PRODUCT_CODES = frozenset(
@@ -117,7 +120,7 @@ def is_non_product(stock_code: str) -> bool:
 
 
 def read_transactions(path: Path) -> pd.DataFrame:
-    """Read a .csv, .csv.gz or .xlsx file into string columns with our names."""
+    """Read a .csv, .csv.gz or .xlsx file into text columns with our names (text kept as read, never parsed)."""
     if not path.exists():
         raise IngestError(f"no such file: {path}")
     if not path.is_file():
@@ -140,12 +143,31 @@ def read_transactions(path: Path) -> pd.DataFrame:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
-    options = dict(dtype=str, keep_default_na=False, na_values=[""], compression="infer")
     try:
-        return pd.read_csv(path, encoding="utf-8", **options)
+        return _read_csv_as(path, "utf-8")
     except UnicodeDecodeError:
         log.info("%s is not UTF-8; reading it as ISO-8859-1", path)
-        return pd.read_csv(path, encoding="iso-8859-1", **options)
+        return _read_csv_as(path, "iso-8859-1")
+
+
+def _read_csv_as(path: Path, encoding: str) -> pd.DataFrame:
+    """The number columns as plain text, the others as categoricals of their texts.
+
+    A categorical column keeps each distinct text once (400k rows repeat a few thousand values): it costs
+    about what reading plain text does and saves coding the column in `clean`. The parser turns the
+    categories of a column whose every value reads as a number or a boolean into those; such a column is
+    read again as text.
+    """
+    options = dict(encoding=encoding, keep_default_na=False, na_values=[""], compression="infer")
+    as_text = {alias: str for name in _NUMBER_COLUMNS for alias in COLUMN_ALIASES[name]}
+    frame = pd.read_csv(path, dtype=defaultdict(lambda: "category", as_text), **options)
+    converted = [
+        column for column, values in frame.items()
+        if isinstance(values.dtype, pd.CategoricalDtype) and not pd.api.types.is_string_dtype(values.cat.categories)
+    ]
+    if converted:
+        frame[converted] = pd.read_csv(path, dtype=str, usecols=converted, **options)[converted]
+    return frame
 
 
 def _rename_columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -183,9 +205,12 @@ def clean(frame: pd.DataFrame, report: IngestReport) -> pd.DataFrame:
 
 
 def _as_categories(frame: pd.DataFrame) -> pd.DataFrame:
-    """Each column as codes into its distinct values, in order of appearance (equal texts, equal codes)."""
+    """Each column as codes into its distinct values (equal texts, equal codes); categoricals stay as read."""
     columns = {}
     for name, values in frame.items():
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            columns[name] = values
+            continue
         codes, distinct = pd.factorize(values)
         columns[name] = pd.Categorical.from_codes(codes, distinct)
     return pd.DataFrame(columns, index=frame.index)
