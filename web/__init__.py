@@ -42,7 +42,9 @@ class CookieSessions(SecureCookieSessionInterface):
     session cookie (every API call): an empty session needs no key to read."""
 
     def open_session(self, app, request):
-        if app.secret_key and not request.cookies.get(self.get_cookie_name(app)):
+        # a request without a Cookie header (every API client) skips parsing the cookies too
+        if app.secret_key and ("HTTP_COOKIE" not in request.environ
+                               or not request.cookies.get(self.get_cookie_name(app))):
             return self.session_class()
         return super().open_session(app, request)
 

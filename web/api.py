@@ -16,7 +16,7 @@ from recsys.platform.bodies import MAX_BIGINT
 from recsys.recommend.request import IDEMPOTENCY_KEY, MAX_QUERY_CHARS, RecommendationRequest
 from web import health as health_checks
 from web.errors import ApiError
-from web.metrics import RECOMMENDATIONS
+from web.metrics import count_recommendation
 from web.openapi import (
     CUSTOMER_ID,
     STOCK_CODE,
@@ -79,7 +79,8 @@ IDEMPOTENCY_HEADER = {"name": "Idempotency-Key", "in": "header", "required": Fal
 
 
 def _idempotency_key() -> str | None:
-    key = request.headers.get("Idempotency-Key")
+    # the environ entry `request.headers.get` reads, without the KeyError it raises and catches when absent
+    key = request.environ.get("HTTP_IDEMPOTENCY_KEY")
     return key.strip() if key is not None else None
 
 
@@ -128,9 +129,9 @@ def create_recommendation():
     asked = parse_body(RecommendationRequest)
     outcome = jobs.submit_recommendation(asked, settings(), idempotency_key=_idempotency_key())
     if outcome.result_json is not None:
-        RECOMMENDATIONS.labels("cached" if outcome.cached else "finished").inc()
+        count_recommendation("cached" if outcome.cached else "finished")
     else:
-        RECOMMENDATIONS.labels("enqueued").inc()
+        count_recommendation("enqueued")
     return _submission(outcome)
 
 

@@ -62,6 +62,30 @@ def _endpoint_label() -> str:
     return request.url_rule.rule if request.url_rule is not None else "unmatched"
 
 
+_series: dict[tuple, tuple] = {}
+
+
+def _request_series(endpoint: str, method: str, status: int) -> tuple:
+    """The latency and count series of one endpoint, method and status, looked up once per process: `labels()`
+    takes a lock and builds its key on every call."""
+    key = (endpoint, method, status)
+    series = _series.get(key)
+    if series is None:
+        series = _series[key] = (LATENCY.labels(endpoint, method), REQUESTS.labels(endpoint, method, str(status)))
+    return series
+
+
+_outcomes: dict[str, object] = {}
+
+
+def count_recommendation(outcome: str) -> None:
+    """One POST /recommendations outcome (cached, finished or enqueued)."""
+    series = _outcomes.get(outcome)
+    if series is None:
+        series = _outcomes[outcome] = RECOMMENDATIONS.labels(outcome)
+    series.inc()
+
+
 def init_metrics(app: Flask) -> None:
     @app.before_request
     def _start_timer():
@@ -71,9 +95,9 @@ def init_metrics(app: Flask) -> None:
     def _record(response):
         started = g.pop("metrics_started", None)
         if started is not None:
-            endpoint = _endpoint_label()
-            LATENCY.labels(endpoint, request.method).observe(time.perf_counter() - started)
-            REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+            latency, count = _request_series(_endpoint_label(), request.method, response.status_code)
+            latency.observe(time.perf_counter() - started)
+            count.inc()
         return response
 
     @app.get("/metrics")
