@@ -24,7 +24,6 @@ from datetime import UTC, datetime, timedelta
 from celery import Celery
 from celery.utils.nodenames import anon_nodename
 from kombu.entity import PERSISTENT_DELIVERY_MODE
-from kombu.serialization import dumps as serialize
 from kombu.transport.virtual.base import Base64
 from kombu.utils.json import dumps as json_dumps
 
@@ -113,11 +112,11 @@ def rerank_message(app: Celery, job_id: str, countdown: float | None = None) -> 
     headers = {
         "lang": "py", "task": RERANK_TASK, "id": job_id, "shadow": None, "eta": eta, "expires": None,
         "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": job_id,
-        "parent_id": None, "argsrepr": repr([job_id]), "kwargsrepr": "{}", "origin": anon_nodename(),
+        "parent_id": None, "argsrepr": repr([job_id]), "kwargsrepr": "{}", "origin": _origin(),
         "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
     }  # argsrepr: saferepr of one short string in a list is its repr
     body = ([job_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
-    content_type, content_encoding, data = serialize(body, serializer=JSON)
+    data = json_dumps(body)  # what kombu's registry runs for JSON, without its lookups and error wrapping
     properties = {
         "correlation_id": job_id,
         "reply_to": app.thread_oid,
@@ -127,8 +126,20 @@ def rerank_message(app: Celery, job_id: str, countdown: float | None = None) -> 
         "body_encoding": "base64",
         "delivery_tag": str(uuid.uuid4()),
     }
-    return {"body": Base64().encode(data), "content-encoding": content_encoding, "content-type": content_type,
+    return {"body": Base64().encode(data), "content-encoding": "utf-8", "content-type": "application/json",
             "headers": headers, "properties": properties}
+
+
+_origins: dict[int, str] = {}
+
+
+def _origin() -> str:
+    """Celery's `anon_nodename()` (the host name and process id), worked out once per process."""
+    pid = os.getpid()
+    origin = _origins.get(pid)
+    if origin is None:
+        origin = _origins[pid] = anon_nodename()
+    return origin
 
 
 def _push(message: dict, settings: Settings) -> None:
