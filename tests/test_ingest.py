@@ -236,6 +236,9 @@ def test_a_first_load_hashes_rows_as_sql_does_and_in_hash_order(db, engine, tmp_
         assert conn.execute(HASHED_IN_SQL).scalar_one() == 0
         hashes = conn.execute(text("SELECT row_hash FROM purchases ORDER BY id")).scalars().all()
         assert hashes == sorted(hashes)  # ids in hash order, as the staging path's DISTINCT ON gave them
+        ids = conn.execute(text("SELECT id FROM purchases ORDER BY id")).scalars().all()
+        assert ids == list(range(ids[0], ids[0] + 10))  # consecutive, and the sequence left at the last one
+        assert conn.execute(text("SELECT last_value, is_called FROM purchases_id_seq")).one() == (ids[-1], True)
         row = conn.execute(text("SELECT * FROM purchases WHERE stock_code = '10004'")).one()
         assert row.country is None and str(row.unit_price) == "1000000.000"
         assert conn.execute(text("SELECT description FROM purchases WHERE stock_code = '10005'")).scalar_one() == (

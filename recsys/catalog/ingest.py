@@ -702,19 +702,41 @@ def _hashed_purchases_copied(conn: Connection, rows: pd.DataFrame) -> Iterator[n
     digests = [_row_md5(join(pieces)).digest() for pieces in zip(*row_parts, strict=True)]
     in_hash_order = _first_of_each_hash_in_order(digests)
     digest_array = np.array(digests, dtype=object)
+    first_id = _reserve_purchase_ids(conn, len(in_hash_order))
+    row_head = _ROW_HEAD.pack
     raw = conn.connection.driver_connection
     with raw.cursor() as cursor, cursor.copy(
-        f"COPY purchases (row_hash, {', '.join(_HASHED_COLUMNS)}) FROM STDIN (FORMAT binary)",
+        f"COPY purchases (id, row_hash, {', '.join(_HASHED_COLUMNS)}) FROM STDIN (FORMAT binary)",
         writer=QueuedLibpqWriter(cursor),
     ) as copy:
         copy.write(_BINARY_COPY_HEADER)
         for start in range(0, len(in_hash_order), _COPY_CHUNK_ROWS):
             positions = in_hash_order[start:start + _COPY_CHUNK_ROWS]
-            pieces = [[_ROW_START] * len(positions), digest_array[positions].tolist()]
+            first = first_id + start
+            pieces = [[row_head(_ROW_FIELDS, 8, row_id, 16) for row_id in range(first, first + len(positions))],
+                      digest_array[positions].tolist()]
             pieces += [group[codes[positions]].tolist() for group, codes in zip(fields, group_codes, strict=True)]
             copy.write(join(map(join, zip(*pieces, strict=True))))
         copy.write(_BINARY_COPY_TRAILER)
         yield in_hash_order
+
+
+def _reserve_purchase_ids(conn: Connection, count: int) -> int:
+    """The first of the `count` ids that inserting the rows one by one would draw from purchases' sequence.
+
+    They are taken in one step (nextval, then setval to the last), leaving the sequence as `count` nextval
+    calls would: the caller holds an exclusive lock on purchases, so no insert draws one meanwhile. A
+    nextval per row was a quarter of Postgres's time in the COPY.
+    """
+    if not count:
+        return 0
+    return conn.execute(
+        text(
+            "SELECT setval(sequence, nextval(sequence) + :count - 1) - :count + 1 "
+            "FROM CAST(pg_get_serial_sequence('purchases', 'id') AS regclass) AS sequence"
+        ),
+        {"count": count},
+    ).scalar_one()
 
 
 def _group_parts_and_fields(rows: pd.DataFrame, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -830,7 +852,9 @@ _NUMERIC_SCALE = Decimal("0.001")
 _DECIMAL_DUMPER = psycopg.adapters.get_dumper(Decimal, PyFormat.BINARY)(Decimal)
 _POSTGRES_EPOCH = datetime(2000, 1, 1)
 _NULL_FIELD = struct.pack(">i", -1)
-_ROW_START = struct.pack(">hi", 1 + len(_HASHED_COLUMNS), 16)  # field count, then the 16-byte hash's length
+# A row's first bytes: its field count, the id's length and value, the 16-byte hash's length.
+_ROW_HEAD = struct.Struct(">hiqi")
+_ROW_FIELDS = 2 + len(_HASHED_COLUMNS)
 _BINARY_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _BINARY_COPY_TRAILER = struct.pack(">h", -1)
 _COPY_CHUNK_ROWS = 10_000
