@@ -68,6 +68,14 @@ def test_the_pushed_rerank_message_is_the_one_celery_sends(flushed_broker):
                - time.mktime(time.strptime(etas[1][:19], "%Y-%m-%dT%H:%M:%S"))) <= 2
 
 
+def test_the_templated_rerank_json_is_the_message_encoded_for_every_job_id(base_settings):
+    app = broker.client(base_settings)
+    for job_id in (str(uuid.uuid4()), str(uuid.uuid4())):
+        fast, slow = json.loads(broker.rerank_json(app, job_id)), broker.rerank_message(app, job_id)
+        assert fast["properties"].pop("delivery_tag") != slow["properties"].pop("delivery_tag")
+        assert json.dumps(fast) == json.dumps(slow)
+
+
 def test_a_push_to_a_broker_that_went_away_fails_fast_and_the_next_one_reconnects(tmp_path):
     from conftest import free_port
 

@@ -89,7 +89,9 @@ def send_rerank(job_id: str, settings: Settings, *, countdown: float | None = No
     url = settings.celery_broker_url
     try:
         if (os.getpid(), url) in _declared:
-            _push(rerank_message(client(settings), job_id, countdown), settings)
+            app = client(settings)
+            _push(rerank_json(app, job_id) if not countdown else json_dumps(rerank_message(app, job_id, countdown)),
+                  settings)
             return
         client(settings).send_task(RERANK_TASK, args=[job_id], queue=RERANK_QUEUE, task_id=job_id, countdown=countdown)
     except Exception as exc:
@@ -115,8 +117,7 @@ def rerank_message(app: Celery, job_id: str, countdown: float | None = None) -> 
         "parent_id": None, "argsrepr": repr([job_id]), "kwargsrepr": "{}", "origin": _origin(),
         "ignore_result": None, "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
     }  # argsrepr: saferepr of one short string in a list is its repr
-    body = ([job_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
-    data = json_dumps(body)  # what kombu's registry runs for JSON, without its lookups and error wrapping
+    data = _body_json(job_id)
     properties = {
         "correlation_id": job_id,
         "reply_to": app.thread_oid,
@@ -130,6 +131,38 @@ def rerank_message(app: Celery, job_id: str, countdown: float | None = None) -> 
             "headers": headers, "properties": properties}
 
 
+def rerank_json(app: Celery, job_id: str) -> str:
+    """`json_dumps(rerank_message(app, job_id))`, the text kombu pushes, filled into a template made once per process
+    and thread (`reply_to` is the thread's): building and encoding the message was ~25 µs of a submission, this ~5.
+
+    The template is a message made for stand-in ids (32 hex digits, which no other part of it can hold), so
+    only the job id, the delivery tag and the base64 body, which holds the id, differ from one call to the next.
+    """
+    templates = getattr(_templates, "by_app", None)
+    if templates is None:
+        templates = _templates.by_app = {}
+    template = templates.get(app)
+    if template is None or template[0] != os.getpid():
+        template = templates[app] = _rerank_template(app)
+    _pid, text, body, job, tag, encoded = template
+    encoded_body = Base64().encode(body.replace(job, job_id))
+    return text.replace(job, job_id).replace(tag, str(uuid.uuid4())).replace(encoded, encoded_body)
+
+
+def _rerank_template(app: Celery) -> tuple:
+    job, tag, encoded = (uuid.uuid4().hex for _ in range(3))
+    message = rerank_message(app, job)
+    message["properties"]["delivery_tag"] = tag
+    message["body"] = encoded
+    return os.getpid(), json_dumps(message), _body_json(job), job, tag, encoded
+
+
+def _body_json(job_id: str) -> str:
+    """The task's args, kwargs and embed (protocol 2) as kombu's registry encodes them for JSON (its own dumps)."""
+    return json_dumps(([job_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}))
+
+
+_templates = threading.local()
 _origins: dict[int, str] = {}
 
 
@@ -142,8 +175,9 @@ def _origin() -> str:
     return origin
 
 
-def _push(message: dict, settings: Settings) -> None:
-    """LPUSH on the queue's list (priority 0 is the bare queue name), as kombu's Redis transport does.
+def _push(message: str, settings: Settings) -> None:
+    """LPUSH of a rerank message's JSON on the queue's list (priority 0 is the bare queue name), as kombu's Redis
+    transport does.
 
     Sent on a connection this process keeps checked out of the publisher's pool (`_idle_pushers`): redis-py's
     command layer (a check-out that polls the socket, the retry wrapper, the check-in) was 40 of a push's
@@ -158,8 +192,7 @@ def _push(message: dict, settings: Settings) -> None:
     except IndexError:
         connection = pool.get_connection()
     try:
-        packed = connection.pack_command("LPUSH", message["properties"]["delivery_info"]["routing_key"],
-                                         json_dumps(message))
+        packed = connection.pack_command("LPUSH", RERANK_QUEUE, message)
         for failures in range(PUBLISH_RETRIES + 1):
             try:
                 connection.send_packed_command(packed, check_health=False)  # reconnects when disconnected
