@@ -330,3 +330,19 @@ def test_columns_of_number_like_texts_keep_their_text(db, engine, tmp_path):
             (17850, "True"), (17851, "False")]
         assert conn.execute(text("SELECT DISTINCT invoice_no FROM purchases ORDER BY 1")).scalars().all() == [
             "536365", "536366"]
+
+
+def test_a_first_load_into_a_catalog_that_has_products_updates_them_as_sql_does(db, engine, tmp_path):
+    """Purchases empty but a product already there: placeholders, then refresh_aggregates, as before."""
+    tricky = write(tmp_path, "tricky.csv", TRICKY_BODY)
+    ingest_file(tricky, db)
+    into_empty = stored(engine)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE purchases, products, customers, copurchase, copurchase_singles, "
+                          "ingest_runs RESTART IDENTITY CASCADE"))
+        conn.execute(text("INSERT INTO products (stock_code, description) VALUES ('10001', 'OLD'), ('X1', 'GONE')"))
+    report = ingest_file(tricky, db)
+    assert report.rows_new == 10
+    again = stored(engine)
+    assert [p for p in again["products"] if p.stock_code != "X1"] == into_empty["products"]
+    assert (again["purchases"], again["customers"]) == (into_empty["purchases"], into_empty["customers"])
