@@ -752,13 +752,19 @@ def _group_parts_and_fields(rows: pd.DataFrame, columns: tuple[str, ...]) -> tup
         prefix = b"" if column == _FIRST_HASHED_COLUMN else b"|"
         parts = [b"" if shown is None else prefix + shown.encode() for shown in texts]
         column_fields = [_NULL_FIELD if shown is None else _field(binary_of(shown)) for shown in texts]
-        per_column.append((codes, parts, column_fields))
+        per_column.append((codes, np.array(parts, dtype=object), np.array(column_fields, dtype=object)))
         combined, _ = pd.factorize(combined * len(distinct) + codes)  # stays below the row count: no overflow
-    first_rows = np.unique(combined, return_index=True)[1].tolist()
-    join = b"".join
-    parts = [join(texts[codes[row]] for codes, texts, _ in per_column) for row in first_rows]
-    group_fields = [join(binary[codes[row]] for codes, _, binary in per_column) for row in first_rows]
-    return combined, np.array(parts, dtype=object), np.array(group_fields, dtype=object)
+    # factorize numbers combinations in order of appearance: a row is a combination's first where its code
+    # exceeds every code before it
+    first = np.ones(len(combined), dtype=bool)
+    first[1:] = combined[1:] > np.maximum.accumulate(combined)[:-1]
+    first_rows = np.flatnonzero(first)
+    parts, group_fields = None, None
+    for codes, texts, binary in per_column:  # object arrays: + concatenates the bytes element by element
+        at = codes[first_rows]
+        parts = texts[at] if parts is None else parts + texts[at]
+        group_fields = binary[at] if group_fields is None else group_fields + binary[at]
+    return combined, parts, group_fields
 
 
 def _first_of_each_hash_in_order(digests: list[bytes]) -> np.ndarray:
