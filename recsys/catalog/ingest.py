@@ -5,8 +5,10 @@ invoices starting with "C"), so the bundled file yields 392,732 purchases by 4,3
 customers. Rows that survive cleaning but cannot be parsed are rejected and counted; they
 never stop the load. Purchases are keyed by a hash of the whole source row, so loading the
 same file twice adds nothing. A first load into an empty database hashes the rows here, from the text
-Postgres prints for each stored value (tests hold it to the SQL hash), and COPies them in binary
-straight into `purchases`; every later load goes through a staging table and hashes in SQL.
+Postgres prints for each stored value (tests hold it to the SQL hash), COPies them in binary
+straight into `purchases` and, into an empty catalog, inserts products and customers with their
+aggregates worked out from the same rows; every later load goes through a staging table, hashes in SQL
+and recomputes the aggregates there.
 A file whose bytes (SHA-256) a succeeded run already loaded is not read again: purchases are
 only ever appended, so all its rows are there; the run is recorded with the earlier run's
 counts and nothing new.
