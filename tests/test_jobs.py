@@ -257,6 +257,25 @@ def test_a_live_owner_keeps_its_job_and_a_dead_local_one_loses_it_at_once(loaded
     assert outcome.ran and outcome.status == "succeeded"
 
 
+def test_a_message_whose_job_another_worker_holds_ranks_the_queued_jobs_meanwhile(loaded_db, flushed_broker):
+    """With several worker processes most messages find their job in another process's batch: the message
+    still asks to be retried, and its process ranks a batch of the queued jobs instead of idling."""
+    held = jobs.submit_recommendation(payload(), settings=loaded_db).job_id
+    queued = [jobs.submit_recommendation(p, settings=loaded_db).job_id for p in OTHER_REQUESTS]
+    _pretend_running(loaded_db, held, f"{socket.gethostname()}:{os.getppid()}", lease_seconds=60)
+
+    busy = jobs.run_job(held, worker=WORKER, settings=loaded_db)
+
+    assert not busy.ran and busy.status == "running" and 0.5 <= busy.retry_in <= 5.0
+    assert sorted(o["job_id"] for o in busy.others) == sorted(str(j) for j in queued)
+    assert all(o["status"] == "succeeded" and o["result"]["items"] for o in busy.others)
+    for job_id in queued:
+        job = jobs.get_job(job_id, loaded_db)
+        assert job["status"] == "succeeded" and job["worker"] == WORKER and job["attempts"] == 1
+    assert jobs.get_job(held, loaded_db)["status"] == "running"
+    assert jobs.run_job(held, worker=WORKER, settings=loaded_db).others == []  # nothing queued: nothing done
+
+
 def test_jobs_whose_worker_was_lost_on_every_attempt_fail(loaded_db, flushed_broker):
     job_id = jobs.submit_recommendation(payload(), settings=loaded_db).job_id
     _pretend_running(loaded_db, job_id, "elsewhere:42", lease_seconds=-1, attempts=loaded_db.job_max_attempts)

@@ -140,7 +140,7 @@ def run_job(job_id, settings: Settings, *, worker: str) -> RunOutcome:
 
     Finished jobs are left alone (checked first with one cheap read: most messages of a busy
     worker find their job already ranked in an earlier batch); a job another live worker holds
-    asks to be retried later.
+    asks to be retried later, and this process ranks a batch of queued jobs meanwhile.
     """
     parsed = parse_job_id(job_id)
     if parsed is None:
@@ -154,6 +154,7 @@ def run_job(job_id, settings: Settings, *, worker: str) -> RunOutcome:
         return RunOutcome(str(parsed), known.status, result=known.result, error=known.error)
     kind = job_kind(known.kind)
     params = {"id": parsed, "kind": kind.name, "worker": worker, "lease": lease_seconds(settings)}
+    busy: RunOutcome | None = None
     with quick_commit(settings) as conn:
         own = _claim(conn, _CLAIM_OWN, params)
         if not own:
@@ -170,21 +171,49 @@ def run_job(job_id, settings: Settings, *, worker: str) -> RunOutcome:
                 own = _claim(conn, _CLAIM_FROM_DEAD, {**params, "owner": row.worker, "attempts": row.attempts})
             if not own:
                 left = row.left_.total_seconds() if row.left_ is not None else 0.0
-                return RunOutcome(str(parsed), row.status, retry_in=busy_retry_seconds(left))
-    _track([own[0].id], True)
-    batch = own
-    try:
-        _drain(batch, params, settings)
-        outcomes = _process(batch, kind, worker, settings)
-    finally:
-        _track([c.id for c in batch], False)
+                busy = RunOutcome(str(parsed), row.status, retry_in=busy_retry_seconds(left))
+    if not own:
+        busy.others = _run_queued(params, kind, worker, settings)
+        return busy
+    outcomes = _rank(own, params, kind, worker, settings)
     mine = outcomes.pop(own[0].id)
     mine.ran = True
-    mine.others = [o.summary() for o in outcomes.values() if o.status in FINISHED_STATUSES]
-    for other in outcomes.values():
-        if other.retry_in is not None:
-            send_job(other.job_id, settings, countdown=other.retry_in)
+    mine.others = _settle_others(outcomes.values(), settings)
     return mine
+
+
+def _run_queued(params: dict, kind: JobKind, worker: str, settings: Settings) -> list[dict]:
+    """While another live worker holds this message's job, rank a batch of the queued ones instead.
+
+    Messages reach processes in queue order while each process claims the oldest queued jobs, so with
+    several processes most messages find their job in another's running batch. Waiting for that batch
+    left this process idle and the retried messages doubled the broker's work (2 processes ranked
+    1.02x as many jobs as one); claiming the next batch keeps every process ranking. Nothing queued:
+    nothing to do, no waiting. Returns the finished jobs' summaries, as `RunOutcome.others`.
+    """
+    with quick_commit(settings) as conn:
+        batch = _claim(conn, _CLAIM_QUEUED, {**params, "n": settings.batch_size})
+    if not batch:
+        return []
+    return _settle_others(_rank(batch, params, kind, worker, settings).values(), settings)
+
+
+def _rank(batch: list[_Claimed], params: dict, kind: JobKind, worker: str, settings: Settings):
+    """Fill the claimed batch from the queue, rank it and record each job's outcome (by job id)."""
+    _track([c.id for c in batch], True)
+    try:
+        _drain(batch, params, settings)
+        return _process(batch, kind, worker, settings)
+    finally:
+        _track([c.id for c in batch], False)
+
+
+def _settle_others(outcomes, settings: Settings) -> list[dict]:
+    """Re-send the batch's jobs that wait for a retry; the finished ones' summaries, for the Celery backend."""
+    for outcome in outcomes:
+        if outcome.retry_in is not None:
+            send_job(outcome.job_id, settings, countdown=outcome.retry_in)
+    return [o.summary() for o in outcomes if o.status in FINISHED_STATUSES]
 
 
 def _drain(batch: list[_Claimed], params: dict, settings: Settings) -> None:
