@@ -117,7 +117,7 @@ _STATEMENT = text(
         SELECT DISTINCT * FROM unnest(CAST(:hist_reqs AS int[]), CAST(:hist_codes AS text[])) AS h(req, stock_code)
     ),
     hvec AS (
-        SELECT h.req, l2_normalize(avg(pr.embedding)) AS v
+        SELECT h.req, l2_normalize(avg(pr.embedding ORDER BY pr.stock_code)) AS v
         FROM hist h JOIN products pr USING (stock_code)
         WHERE pr.embedding IS NOT NULL AND NOT pr.is_non_product
         GROUP BY h.req

@@ -338,8 +338,9 @@ _CANDIDATES = text(
     ),
     bought AS MATERIALIZED (
         SELECT l.customer_id, l.stock_code, count(*) AS times, max(l.invoiced_at) AS last_at,
-               sum(power(0.5, greatest(extract(epoch FROM ref.at - l.invoiced_at), 0) / 86400.0 / :half_life))
-                   AS repeat_score
+               -- summed in a fixed order: a float sum's last bits follow the order, which follows the plan
+               sum(power(0.5, greatest(extract(epoch FROM ref.at - l.invoiced_at), 0) / 86400.0 / :half_life)
+                   ORDER BY l.invoiced_at, l.invoice_no) AS repeat_score
         FROM (
             SELECT DISTINCT pu.customer_id, pu.stock_code, pu.invoice_no, pu.invoiced_at
             FROM purchases pu
@@ -350,7 +351,7 @@ _CANDIDATES = text(
     ),
     hvec AS MATERIALIZED (
         SELECT r.customer_id,
-               (SELECT l2_normalize(avg(p.embedding)) FROM products p
+               (SELECT l2_normalize(avg(p.embedding ORDER BY p.stock_code)) FROM products p
                 WHERE p.stock_code = ANY(r.codes) AND p.embedding IS NOT NULL AND NOT p.is_non_product) AS v
         FROM (
             SELECT customer_id, array_agg(stock_code) AS codes
