@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from recsys.catalog.history import history
 from recsys.cli import cli
 from recsys.rankers import LLM_RANKER_NAMES, get_ranker
-from recsys.recommend.pipeline import recommend, recommend_batch
+from recsys.recommend.pipeline import PARALLEL_FROM, recommend, recommend_batch
 from recsys.recommend.request import RecommendationRequest, RequestError
 
 
@@ -81,6 +81,27 @@ def test_batch_keeps_order_and_groups_rankers(loaded_db):
     results = recommend_batch(requests, loaded_db)
     assert [r["customer_id"] for r in results] == [15781, 17850, 12583]
     assert [r["batch_size"] for r in results] == [2, 1, 2]
+
+
+def test_a_request_gets_the_same_answer_in_a_pipelined_batch_as_alone(loaded_db):
+    """A batch of PARALLEL_FROM or more is prepared in two pipelined halves, each candidate statement split
+    again: no request's answer may depend on the others it was batched with."""
+    customers = [15781, 17850, 12583, 13047, 99999]
+    requests = [
+        RecommendationRequest(customer, query, 5, "retrieval", exclude_purchased=exclude)
+        for customer in customers
+        for query, exclude in (("lantern", False), (None, False), ("bag", True))
+        if query or customer != 99999
+    ]
+    assert len(requests) >= PARALLEL_FROM
+
+    def answer(result: dict) -> dict:
+        return {key: value for key, value in result.items() if key not in ("timings_ms", "batch_size")}
+
+    together = [answer(r) for r in recommend_batch(requests, loaded_db)]
+    alone = [answer(recommend(r, loaded_db)) for r in requests]
+    assert together == alone
+    assert all(r["items"] for r in together)
 
 
 @pytest.mark.parametrize("name", LLM_RANKER_NAMES)

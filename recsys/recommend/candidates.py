@@ -32,9 +32,11 @@ database (`recsys.evaluation.snapshot`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -450,16 +452,22 @@ def candidates_batch(
     limit: int | None = None,
     as_of: datetime | None = None,
     recent: Mapping[int, Sequence[str]] | None = None,
+    split: bool = True,
 ) -> list[CandidateSet]:
     """Merged candidates for every request (at most `limit`, default `RECSYS_RETRIEVE_K`), in order.
 
     `recent` maps each customer to their `HISTORY_ITEMS` most recently bought products, most recent
     first (the pipeline has read them already); without it they are read here.
+
+    Unless `split` is off, a batch of `PARALLEL_FROM` requests or more runs as two statements, half the
+    requests each, on two connections at once: the statement is Postgres's CPU work (the HNSW searches
+    above all) while this process waits, so on two cores the halves take about the time of one, and the
+    first half's rows are merged here while the second half's statement still runs. Each request's
+    candidates do not depend on the others in its statement, so the answer is the same.
     """
     if not requests:
         return []
     limit = settings.retrieve_k if limit is None else limit
-    share = quotas(settings)
     customer_set = sorted({r.customer_id for r in requests if r.customer_id is not None})
     if recent is None:
         recent = recent_purchases(customer_set, settings, as_of)
@@ -467,6 +475,49 @@ def candidates_batch(
     neighbours = copurchase_neighbours(settings, sorted({code for c in customer_set for code in recent.get(c, ())}))
     together = {c: bought_together(neighbours, recent.get(c, ())) for c in customer_set}
 
+    def part(chunk: Sequence[CandidateRequest]) -> list[CandidateSet]:
+        return _candidates_of(chunk, settings, limit, as_of, recent, popular, together)
+
+    if not split or len(requests) < PARALLEL_FROM:
+        return part(requests)
+    half = (len(requests) + 1) // 2
+    first = candidate_runner().submit(part, requests[:half])
+    try:
+        second = part(requests[half:])
+    finally:
+        found = first.result()
+    return found + second
+
+
+# Batches this large run their statement in two halves at once (`candidates_batch`, the pipeline).
+PARALLEL_FROM = 8
+_runners: dict[int, ThreadPoolExecutor] = {}
+
+
+def candidate_runner() -> ThreadPoolExecutor:
+    """This process's thread that runs the first half of a batch's candidates (made after a fork, never inherited).
+
+    One thread: a task given to it must not wait on another task of it."""
+    pid = os.getpid()
+    with _cache_lock:
+        runner = _runners.get(pid)
+        if runner is None:
+            runner = _runners[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-candidates")
+        return runner
+
+
+def _candidates_of(
+    requests: Sequence[CandidateRequest],
+    settings: Settings,
+    limit: int,
+    as_of: datetime | None,
+    recent: Mapping[int, Sequence[str]],
+    popular: BestSellers,
+    together: Mapping[int, Partners],
+) -> list[CandidateSet]:
+    """`candidates_batch` for some of a batch's requests: one statement, then each request's sources merged."""
+    share = quotas(settings)
+    customer_set = sorted({r.customer_id for r in requests if r.customer_id is not None})
     given: list[tuple[int, str]] = []  # co-purchase and popular candidates of requests without a query
     for ord_, request in enumerate(requests, 1):
         if request.query_vector is not None:

@@ -40,7 +40,13 @@ from recsys.rankers import (
 )
 from recsys.rankers.item_stats import DatabaseItemStats
 from recsys.rankers.learned import ModelFileError
-from recsys.recommend.candidates import CandidateRequest, candidates_batch, copurchase_neighbours
+from recsys.recommend.candidates import (
+    PARALLEL_FROM,
+    CandidateRequest,
+    candidate_runner,
+    candidates_batch,
+    copurchase_neighbours,
+)
 from recsys.recommend.explanations import attach_explanations
 from recsys.recommend.ordering import final_order
 from recsys.recommend.request import RecommendationRequest, RequestError
@@ -169,31 +175,40 @@ def recommend_batch(
     return results
 
 
+def _encode(requests: Sequence[RecommendationRequest], settings: Settings, *, light: bool) -> dict:
+    """The requests' query vectors by query text. `light`: one query (`recsys recommend`, a lone job) in a
+    process without the torch model goes through the light encoder."""
+    queries = [r.query for r in requests if r.query]
+    if not queries:
+        return {}
+    return dict(zip(queries, encode_queries(queries, settings, light=light), strict=True))
+
+
 def _prepare(
     requests: Sequence[RecommendationRequest], settings: Settings, rank_all: Sequence[bool]
 ) -> list[_Prepared]:
     """Stages 1–2 for the whole batch: histories, query vectors and filtered candidates
     (`RECSYS_RETRIEVE_K` of them where `rank_all`, for a ranker that orders every candidate).
 
-    Each stage is one SQL statement (or one encoder pass) for every request together, so a batch
-    of 32 costs about as many round trips as a single request. Stage times are per request.
+    Each stage is one SQL statement (or one encoder pass) for many requests together, so a batch
+    of 32 costs about as many round trips as a single request. A batch of `PARALLEL_FROM` or more
+    is prepared in two halves, pipelined: the first half's candidate statement runs in Postgres
+    while this process encodes the second half's queries, and the second half's statement while
+    the first half's rows are merged. Each request's vector and candidates do not depend on the
+    other requests of its pass, so the answer is the same. Stage times are per request and overlap.
     """
     count = len(requests)
     customers = sorted({r.customer_id for r in requests if r.customer_id is not None})
-    queries = [r.query for r in requests if r.query]
+    halves = [requests] if count < PARALLEL_FROM else [requests[: (count + 1) // 2], requests[(count + 1) // 2:]]
     # The histories (and their co-purchase partners) are read while the queries are encoded: the encoder
     # computes and Postgres reads at once.
     reading = _histories_reader().submit(_read_histories, customers, settings)
     t0 = time.perf_counter()
-    # One query (`recsys recommend`, a lone job) in a process without the torch model: the light encoder.
-    light = len(queries) == 1
     try:
-        encoded = encode_queries(queries, settings, light=light) if queries else []
-        embed_ms = (time.perf_counter() - t0) * 1000 / count
+        query_vectors = _encode(halves[0], settings, light=count == 1)
+        embed_seconds = time.perf_counter() - t0
     finally:
         histories, history_seconds = reading.result()
-    query_vectors = dict(zip(queries, encoded, strict=True))
-    history_ms = history_seconds * 1000 / count
 
     for request in requests:
         if not request.query and not histories.get(request.customer_id):
@@ -203,18 +218,32 @@ def _prepare(
         settings.retrieve_k if whole else min(max(r.k, settings.max_candidates), settings.retrieve_k)
         for r, whole in zip(requests, rank_all, strict=True)
     ]
+    recent = {customer: [h.stock_code for h in bought] for customer, bought in histories.items()}
+
+    def candidates_of(half: Sequence[RecommendationRequest], vectors: dict) -> list:
+        return candidates_batch(
+            [CandidateRequest(r.customer_id, vectors.get(r.query) if r.query else None, r.exclude_purchased, r.query)
+             for r in half],
+            settings, limit=max(wanted), recent=recent, split=len(halves) == 1,
+        )
+
     t0 = time.perf_counter()
-    found = candidates_batch(
-        [
-            CandidateRequest(r.customer_id, query_vectors.get(r.query) if r.query else None, r.exclude_purchased,
-                             r.query)
-            for r in requests
-        ],
-        settings,
-        limit=max(wanted),
-        recent={customer: [h.stock_code for h in bought] for customer, bought in histories.items()},
-    )
-    retrieve_ms = (time.perf_counter() - t0) * 1000 / count
+    second_encoding = 0.0
+    if len(halves) == 1:
+        found = candidates_of(requests, query_vectors)
+    else:
+        first = candidate_runner().submit(candidates_of, halves[0], query_vectors)
+        try:
+            t1 = time.perf_counter()
+            later_vectors = _encode(halves[1], settings, light=False)
+            second_encoding = time.perf_counter() - t1
+            later = candidates_of(halves[1], later_vectors)
+        finally:
+            found = first.result()
+        found += later
+    retrieve_ms = (time.perf_counter() - t0 - second_encoding) * 1000 / count
+    embed_ms = (embed_seconds + second_encoding) * 1000 / count
+    history_ms = history_seconds * 1000 / count
 
     prepared = []
     for request, candidates, fetched in zip(requests, found, wanted, strict=True):
