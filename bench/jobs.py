@@ -1,13 +1,16 @@
 """End-to-end job throughput: submit → real Celery worker → succeeded, against a no-op Celery task. Prints JSON.
 
-    python bench/jobs.py [--retrieval-jobs 1000] [--concurrency 1,2] [--llm-jobs 100]
+    python bench/jobs.py [--retrieval-jobs 1000] [--concurrency 1,2] [--rounds 1] [--llm-jobs 100]
                          [--llm-ranker llm-verbalizer] [--llm-batch-sizes 1,8] [--skip-llm]
 
 Ceiling: bench/noop_worker.py, a task that does nothing, on the same broker with the same worker
 settings (prefork, acks late, reject on a lost worker, prefetch 1), sent from as many threads and
 waited for the same way. For each worker size in `--concurrency` (processes), the no-op run and the
 `retrieval` run (the worker's batch size from RECSYS_BATCH_SIZE, default 32) follow each other, each
-with a fresh worker, so the ratio holds on a shared, loaded machine. Goal (issue 16): retrieval
+with a fresh worker, so the ratio holds on a shared, loaded machine; `--rounds` repeats the pair and
+reports each round and the medians (the no-op rate alone moved 219-426 tasks/s between runs minutes
+apart on the 2-core machine). Each retrieval run also reports the pipeline's stage times per job, from
+the results' `timings_ms`. Goal (issue 16): retrieval
 jobs/s ≥ 50% of the no-op's, 0 lost; and 2 processes against 1.
 Then, unless --skip-llm, jobs with the packaged Gemma ranker (`--llm-ranker`, default `llm-verbalizer`),
 once per batch size. Every request is distinct (customer, query), so nothing is answered from the
@@ -25,6 +28,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 import time
@@ -192,6 +196,10 @@ def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str,
                 FROM jobs
                 """
             )).one()
+            stages = conn.execute(text(
+                "SELECT t.key, avg(t.value::float8) FROM jobs, jsonb_each_text(result->'timings_ms') AS t "
+                "WHERE status = 'succeeded' GROUP BY t.key ORDER BY t.key"
+            )).all()
         load_after = os.getloadavg()[0]
     finally:
         worker.stop()
@@ -208,8 +216,15 @@ def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str,
         "p50_ms": round(float(row.p50) * 1000, 1) if row.p50 is not None else None,
         "p95_ms": round(float(row.p95) * 1000, 1) if row.p95 is not None else None,
         "mean_batch": round(float(row.mean_batch), 2) if row.mean_batch is not None else None,
+        "pipeline_ms_per_job": {key: round(float(value), 2) for key, value in stages},
         "load_average_1m": [round(load_before, 2), round(load_after, 2)],
     }
+
+
+def median_of(rates) -> float | None:
+    """The median of the rounds' rates (None when a round finished nothing)."""
+    rates = list(rates)
+    return None if None in rates else round(statistics.median(rates), 1)
 
 
 def main() -> None:
@@ -225,6 +240,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one scenario")
     parser.add_argument("--pool", default="prefork", choices=["prefork", "solo"])
     parser.add_argument("--concurrency", default="1,2", help="worker processes (prefork children), comma-separated")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="no-op then retrieval runs per worker size; rates are the rounds' medians")
     args = parser.parse_args()
 
     base = Settings.from_env()
@@ -244,20 +261,29 @@ def main() -> None:
         batch = args.retrieval_batch_size or settings.batch_size
         requests = workload(settings, args.retrieval_jobs, "retrieval", 1)
         for size in sizes:
-            noop = run_noop(settings, args.noop_tasks or args.retrieval_jobs, size, args, home)
-            retrieval = run_scenario(settings, requests, {"RECSYS_BATCH_SIZE": str(batch)}, args, home,
-                                     concurrency=size) | {"batch_size": batch}
+            rounds = []
+            for _ in range(args.rounds):
+                noop = run_noop(settings, args.noop_tasks or args.retrieval_jobs, size, args, home)
+                retrieval = run_scenario(settings, requests, {"RECSYS_BATCH_SIZE": str(batch)}, args, home,
+                                         concurrency=size) | {"batch_size": batch}
+                rounds.append({"noop": noop, "retrieval": retrieval,
+                               "retrieval_share_of_noop": ratio(retrieval["jobs_per_second"],
+                                                                noop["tasks_per_second"])})
+            noop_rate = median_of(r["noop"]["tasks_per_second"] for r in rounds)
+            retrieval_rate = median_of(r["retrieval"]["jobs_per_second"] for r in rounds)
             report[f"processes_{size}"] = {
-                "noop": noop,
-                "retrieval": retrieval,
-                "retrieval_share_of_noop": ratio(retrieval["jobs_per_second"], noop["tasks_per_second"]),
+                "noop_tasks_per_second": noop_rate,
+                "retrieval_jobs_per_second": retrieval_rate,
+                "retrieval_share_of_noop": ratio(retrieval_rate, noop_rate),
                 "goal_share_of_noop": 0.5,
+                "lost": sum(r["retrieval"]["lost"] + r["noop"]["lost"] for r in rounds),
+                "rounds": rounds,
             }
         if len(sizes) > 1:
             first, last = report[f"processes_{sizes[0]}"], report[f"processes_{sizes[-1]}"]
             report[f"processes_{sizes[-1]}_vs_{sizes[0]}"] = {
-                "retrieval": ratio(last["retrieval"]["jobs_per_second"], first["retrieval"]["jobs_per_second"], 2),
-                "noop": ratio(last["noop"]["tasks_per_second"], first["noop"]["tasks_per_second"], 2),
+                "retrieval": ratio(last["retrieval_jobs_per_second"], first["retrieval_jobs_per_second"], 2),
+                "noop": ratio(last["noop_tasks_per_second"], first["noop_tasks_per_second"], 2),
             }
         if not args.skip_llm:
             from recsys.llm.acquisition import prepare_model
