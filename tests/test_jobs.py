@@ -276,6 +276,55 @@ def test_a_message_whose_job_another_worker_holds_ranks_the_queued_jobs_meanwhil
     assert jobs.run_job(held, worker=WORKER, settings=loaded_db).others == []  # nothing queued: nothing done
 
 
+def _cached_queries(settings) -> set[str]:
+    from recsys.catalog import embedding
+
+    return {query for model, _, query in embedding._query_vectors if model == settings.embedding_model}
+
+
+@pytest.fixture
+def empty_query_cache():
+    from recsys.catalog import embedding
+
+    with embedding._query_lock:
+        embedding._query_vectors.clear()
+
+
+def _after_warming(outcome):
+    """The warm-up thread holds runner._warming from before it starts until it is done: wait for it."""
+    from recsys.jobs import runner
+
+    with runner._warming:
+        return outcome
+
+
+def test_a_lone_worker_warms_the_next_batch_queries_while_it_acknowledges_the_last(loaded_db, flushed_broker,
+                                                                                 empty_query_cache):
+    settings = loaded_db.with_(batch_size=2)
+    first = [jobs.submit_recommendation(p, settings=settings).job_id for p in [payload(), OTHER_REQUESTS[0]]]
+    upcoming = [jobs.submit_recommendation(p, settings=settings) for p in OTHER_REQUESTS[1:3]]
+
+    outcome = _after_warming(jobs.run_job(first[0], worker=WORKER, settings=settings))
+
+    assert outcome.ran and [o["job_id"] for o in outcome.others] == [str(first[1])]
+    assert {"lunch bag", "lantern"} <= _cached_queries(settings)
+    assert all(jobs.get_job(u.job_id, settings)["status"] == "queued" for u in upcoming)  # warmed, not claimed
+
+
+def test_no_warming_while_another_worker_ranks(loaded_db, flushed_broker, empty_query_cache):
+    """Another worker would as likely claim the next batch: encoding it here could be wasted."""
+    settings = loaded_db.with_(batch_size=2)
+    elsewhere = jobs.submit_recommendation(payload(query="clock"), settings=settings).job_id
+    _pretend_running(settings, elsewhere, "elsewhere:42", lease_seconds=60)
+    first = [jobs.submit_recommendation(p, settings=settings).job_id for p in [payload(), OTHER_REQUESTS[0]]]
+    jobs.submit_recommendation(payload(customer_id=12583, query="doormat"), settings=settings)
+
+    outcome = _after_warming(jobs.run_job(first[0], worker=WORKER, settings=settings))
+
+    assert outcome.ran and len(outcome.others) == 1
+    assert "doormat" not in _cached_queries(settings)
+
+
 def test_jobs_whose_worker_was_lost_on_every_attempt_fail(loaded_db, flushed_broker):
     job_id = jobs.submit_recommendation(payload(), settings=loaded_db).job_id
     _pretend_running(loaded_db, job_id, "elsewhere:42", lease_seconds=-1, attempts=loaded_db.job_max_attempts)

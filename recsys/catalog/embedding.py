@@ -33,6 +33,7 @@ _models: dict[str, object] = {}
 _lock = threading.Lock()
 _query_vectors: OrderedDict[tuple[str, bool, str], np.ndarray] = OrderedDict()
 _query_lock = threading.Lock()
+_encode_lock = threading.Lock()
 
 
 class EmbeddingError(RuntimeError):
@@ -76,14 +77,23 @@ def load_model(name: str):
         return model
 
 
+def model_is_loaded(settings: Settings) -> bool:
+    """Whether this process holds the configured sentence-transformers model."""
+    return settings.embedding_model in _models
+
+
 def encode(
     texts: Sequence[str], settings: Settings, batch_size: int | None = None, bfloat16: bool = False
 ) -> np.ndarray:
-    """Normalized float32 embeddings, one row per text; `bfloat16` runs the matrix products in bf16."""
+    """Normalized float32 embeddings, one row per text; `bfloat16` runs the matrix products in bf16.
+
+    One pass at a time per process (a worker warms upcoming queries in a thread): the tokenizer is not
+    safe to share between threads, and two passes at once on these cores only slow each other down.
+    """
     model = load_model(settings.embedding_model)
     import torch
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+    with _encode_lock, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
         vectors = model.encode(
             list(texts),
             batch_size=batch_size or settings.embedding_batch_size,

@@ -1,7 +1,7 @@
 """The kinds of job the one job system runs, and how each is read, keyed and run in a batch.
 
 Every kind goes through the same submit → cache → durable row → Celery message → batch claim →
-result path; only these three steps differ. A worker's batch holds jobs of one kind.
+result path; only these steps differ. A worker's batch holds jobs of one kind.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ class JobKind:
     """JSON-like request → validated request object (RequestError on bad input)."""
     cache_key: Callable[[Connection, object, Settings], str]
     run_batch: Callable[[Sequence[object], Settings], list[dict]]
+    warm: Callable[[Sequence[object], Settings], None] | None = None
+    """Work for requests about to be run that their batch can then skip (query vectors); results unchanged."""
 
 
 def _parse_recommendation(data: dict):
@@ -43,6 +45,12 @@ def _recommend(requests: Sequence, settings: Settings) -> list[dict]:
     from recsys.recommend.pipeline import recommend_batch
 
     return recommend_batch(requests, settings)
+
+
+def _warm_recommendations(requests: Sequence, settings: Settings) -> None:
+    from recsys.recommend.pipeline import warm_queries
+
+    warm_queries(requests, settings)
 
 
 def _parse_discover(data: dict):
@@ -64,7 +72,8 @@ def _discover(requests: Sequence, settings: Settings) -> list[dict]:
 
 
 KINDS = {
-    RECOMMENDATION: JobKind(RECOMMENDATION, _parse_recommendation, _recommendation_key, _recommend),
+    RECOMMENDATION: JobKind(RECOMMENDATION, _parse_recommendation, _recommendation_key, _recommend,
+                            _warm_recommendations),
     DISCOVER: JobKind(DISCOVER, _parse_discover, _discover_key, _discover),
 }
 

@@ -199,13 +199,72 @@ def _run_queued(params: dict, kind: JobKind, worker: str, settings: Settings) ->
 
 
 def _rank(batch: list[_Claimed], params: dict, kind: JobKind, worker: str, settings: Settings):
-    """Fill the claimed batch from the queue, rank it and record each job's outcome (by job id)."""
+    """Fill the claimed batch from the queue, rank it and record each job's outcome (by job id); after a
+    full batch, start warming the next queued jobs."""
     _track([c.id for c in batch], True)
     try:
         _drain(batch, params, settings)
         return _process(batch, kind, worker, settings)
     finally:
         _track([c.id for c in batch], False)
+        if len(batch) >= settings.batch_size > 1:  # a full batch: more are likely queued
+            _warm_next(kind, worker, settings)
+
+
+_warming = threading.Lock()
+
+
+def _warm_next(kind: JobKind, worker: str, settings: Settings) -> None:
+    """In a thread, do the `warm` step of the next batch_size queued jobs of this kind (their query vectors).
+
+    After a batch the process acknowledges the messages of the jobs it answered, one at a time and mostly
+    waiting on the broker; the next batch's encoding fits in that wait (one worker process: 1,000 jobs in
+    6.0-7.9 s instead of 8.6-9.4). Only while no other worker has ranked jobs for `WARM_ALONE_SECONDS`: it
+    may claim the next batch first, and the CPU spent warming it here is lost (two worker processes on two
+    cores, warming whenever the other was between batches: 4-11% slower). One warm-up at a time per process.
+    """
+    if kind.warm is None or not _warming.acquire(blocking=False):
+        return
+    try:
+        thread = threading.Thread(target=_warm, args=(kind, worker, settings), name="recsys-warm", daemon=True)
+        thread.start()
+    except BaseException:
+        _warming.release()
+        raise
+
+
+# The next batch's requests, unless another worker ranked jobs lately: the next batch is then as likely its as ours.
+WARM_ALONE_SECONDS = 10
+_UPCOMING = text(
+    f"""
+    SELECT request FROM jobs
+    WHERE status = 'queued' AND kind = :kind AND (run_after IS NULL OR run_after <= now())
+      AND NOT EXISTS (
+          SELECT FROM jobs WHERE worker <> :me
+             AND (status = 'running' OR finished_at > now() - interval '{WARM_ALONE_SECONDS} seconds'))
+    ORDER BY created_at LIMIT :n
+    """
+)
+
+
+def _warm(kind: JobKind, worker: str, settings: Settings) -> None:
+    try:
+        with get_engine(settings).connect() as conn:
+            upcoming = conn.execute(
+                _UPCOMING, {"kind": kind.name, "n": settings.batch_size, "me": worker}
+            ).scalars().all()
+        requests = []
+        for request in upcoming:
+            try:
+                requests.append(kind.parse(request))
+            except RequestError:
+                continue  # its batch reports it
+        if requests:
+            kind.warm(requests, settings)
+    except Exception as exc:  # only a head start: the batch does the work itself
+        log.debug("warming the next jobs failed: %s", readable(exc))
+    finally:
+        _warming.release()
 
 
 def _settle_others(outcomes, settings: Settings) -> list[dict]:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from recsys.catalog.embedding import encode_queries
+from recsys.catalog.embedding import encode_queries, model_is_loaded
 from recsys.catalog.history import HISTORY_ITEMS, recent_histories
 from recsys.config import Settings
 from recsys.rankers import (
@@ -173,6 +173,18 @@ def recommend_batch(
             )
     attach_explanations(results, settings)
     return results
+
+
+def warm_queries(requests: Sequence[RecommendationRequest], settings: Settings) -> None:
+    """Encode the queries of requests about to be ranked into this process's query cache, as a batch would.
+
+    A worker does it while it acknowledges the messages its last batch answered (mostly waiting on the
+    broker), so the next batch finds its vectors ready. A vector does not depend on the other queries of
+    its pass, so the answer is the same. Only with the model this process holds already: a head start never
+    loads one.
+    """
+    if model_is_loaded(settings):
+        _encode(requests, settings, light=False)
 
 
 def _encode(requests: Sequence[RecommendationRequest], settings: Settings, *, light: bool) -> dict:
