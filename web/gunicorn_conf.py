@@ -1,6 +1,5 @@
 """gunicorn settings for `recsys serve`: shared secret and metrics folder for all workers, tidy exits."""
 
-import gc
 import os
 import secrets
 import shutil
@@ -9,6 +8,7 @@ import warnings
 
 from recsys.config import Settings
 from recsys.platform import embedded, logs
+from recsys.platform.process import freeze_loaded_objects
 
 # Both must be in the environment before the workers fork and import the app.
 os.environ.setdefault("RECSYS_SECRET_KEY", secrets.token_hex(32))
@@ -49,23 +49,13 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """Freeze what the process loaded (`freeze_loaded_objects`), then warm it (web.health.start_warm_up);
-    /health says "warming" until that is done."""
+    """Freeze what the process loaded (`freeze_loaded_objects`; bench/api.py's baseline server does the same,
+    so both are measured alike), then warm it (web.health.start_warm_up); /health says "warming" until that
+    is done."""
     from web import health
 
     freeze_loaded_objects()
     health.start_warm_up(worker.wsgi.config["RECSYS_SETTINGS"])
-
-
-def freeze_loaded_objects() -> None:
-    """Move the objects a worker holds once its app is loaded (modules, classes, caches: ~130k) out of the
-    garbage collector's reach, so its full collections walk only what requests left behind.
-
-    Unfrozen, each full collection walked them all and stopped every thread of the process for 120-450 ms on
-    these two cores, several times a minute under load: the slowest requests of a run. bench/api.py's baseline
-    server does the same, so both are measured alike.
-    """
-    gc.freeze()
 
 
 def child_exit(server, worker):

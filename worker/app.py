@@ -32,6 +32,7 @@ from recsys.platform.broker import (
     SWEEP_TASK,
     client_config,
 )
+from recsys.platform.process import freeze_loaded_objects
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def _one_torch_thread() -> None:
 
 def _load_models(heartbeat: jobs.Heartbeat) -> None:
     jobs.prepare_worker(settings)
+    freeze_loaded_objects()
     heartbeat.details["ready"] = True
     heartbeat.beat()
 
