@@ -3,6 +3,26 @@
 from __future__ import annotations
 
 import gc
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+_threads: dict[tuple[int, str], ThreadPoolExecutor] = {}
+_threads_lock = threading.Lock()
+
+
+def process_thread(name: str) -> ThreadPoolExecutor:
+    """This process's one thread called `name` that runs a stage's side work (the batch's histories, the
+    first half of its candidates) while the caller does its own; made after a fork, never inherited.
+
+    One thread: a task given to it must not wait on another task given to the same one.
+    """
+    key = (os.getpid(), name)
+    with _threads_lock:
+        executor = _threads.get(key)
+        if executor is None:
+            executor = _threads[key] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        return executor
 
 
 def freeze_loaded_objects() -> None:

@@ -32,11 +32,9 @@ database (`recsys.evaluation.snapshot`).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -47,6 +45,7 @@ from sqlalchemy import text
 from recsys.catalog.history import HISTORY_ITEMS
 from recsys.config import Settings
 from recsys.platform.db import VectorArray, get_engine
+from recsys.platform.process import process_thread
 from recsys.rankers.base import CANDIDATE_SOURCES, Candidate
 
 log = logging.getLogger(__name__)
@@ -481,7 +480,7 @@ def candidates_batch(
     if not split or len(requests) < PARALLEL_FROM:
         return part(requests)
     half = (len(requests) + 1) // 2
-    first = candidate_runner().submit(part, requests[:half])
+    first = process_thread(CANDIDATES_THREAD).submit(part, requests[:half])
     try:
         second = part(requests[half:])
     finally:
@@ -491,19 +490,7 @@ def candidates_batch(
 
 # Batches this large run their statement in two halves at once (`candidates_batch`, the pipeline).
 PARALLEL_FROM = 8
-_runners: dict[int, ThreadPoolExecutor] = {}
-
-
-def candidate_runner() -> ThreadPoolExecutor:
-    """This process's thread that runs the first half of a batch's candidates (made after a fork, never inherited).
-
-    One thread: a task given to it must not wait on another task of it."""
-    pid = os.getpid()
-    with _cache_lock:
-        runner = _runners.get(pid)
-        if runner is None:
-            runner = _runners[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-candidates")
-        return runner
+CANDIDATES_THREAD = "recsys-candidates"
 
 
 def _candidates_of(

@@ -18,16 +18,15 @@ what lets a GPU worker see full batches.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from recsys.catalog.embedding import encode_queries, model_is_loaded
 from recsys.catalog.history import HISTORY_ITEMS, recent_histories
 from recsys.config import Settings
+from recsys.platform.process import process_thread
 from recsys.rankers import (
     Candidate,
     HistoryItem,
@@ -41,9 +40,9 @@ from recsys.rankers import (
 from recsys.rankers.item_stats import DatabaseItemStats
 from recsys.rankers.learned import ModelFileError
 from recsys.recommend.candidates import (
+    CANDIDATES_THREAD,
     PARALLEL_FROM,
     CandidateRequest,
-    candidate_runner,
     candidates_batch,
     copurchase_neighbours,
 )
@@ -94,19 +93,6 @@ def model_identity(ranker_name: str, settings: Settings) -> tuple[str | None, st
     from recsys.llm.prompts import PROMPT_VERSION
 
     return settings.llm_model, PROMPT_VERSION
-
-
-_readers: dict[int, ThreadPoolExecutor] = {}
-
-
-def _histories_reader() -> ThreadPoolExecutor:
-    """This process's thread that reads histories (made after a fork, never inherited)."""
-    pid = os.getpid()
-    with _rankers_lock:
-        reader = _readers.get(pid)
-        if reader is None:
-            reader = _readers[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsys-histories")
-        return reader
 
 
 def _read_histories(customers: list[int], settings: Settings) -> tuple[dict, float]:
@@ -214,7 +200,7 @@ def _prepare(
     halves = [requests] if count < PARALLEL_FROM else [requests[: (count + 1) // 2], requests[(count + 1) // 2:]]
     # The histories (and their co-purchase partners) are read while the queries are encoded: the encoder
     # computes and Postgres reads at once.
-    reading = _histories_reader().submit(_read_histories, customers, settings)
+    reading = process_thread("recsys-histories").submit(_read_histories, customers, settings)
     t0 = time.perf_counter()
     try:
         query_vectors = _encode(halves[0], settings, light=count == 1)
@@ -244,7 +230,7 @@ def _prepare(
     if len(halves) == 1:
         found = candidates_of(requests, query_vectors)
     else:
-        first = candidate_runner().submit(candidates_of, halves[0], query_vectors)
+        first = process_thread(CANDIDATES_THREAD).submit(candidates_of, halves[0], query_vectors)
         try:
             t1 = time.perf_counter()
             later_vectors = _encode(halves[1], settings, light=False)
