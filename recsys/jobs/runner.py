@@ -186,10 +186,10 @@ def _run_queued(params: dict, kind: JobKind, worker: str, settings: Settings) ->
     """While another live worker holds this message's job, rank a batch of the queued ones instead.
 
     Messages reach processes in queue order while each process claims the oldest queued jobs, so with
-    several processes most messages find their job in another's running batch. Waiting for that batch
-    left this process idle and the retried messages doubled the broker's work (2 processes ranked
-    1.02x as many jobs as one); claiming the next batch keeps every process ranking. Nothing queued:
-    nothing to do, no waiting. Returns the finished jobs' summaries, as `RunOutcome.others`.
+    several processes most messages find their job in another's running batch. Only asking to be retried
+    left this process idle, so the processes took turns (2 processes ranked 1.02x as many jobs as one);
+    claiming the next batch keeps every process ranking. Nothing queued: nothing to do, no waiting.
+    Returns the finished jobs' summaries, as `RunOutcome.others`.
     """
     with quick_commit(settings) as conn:
         batch = _claim(conn, _CLAIM_QUEUED, {**params, "n": settings.batch_size})
