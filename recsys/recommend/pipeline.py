@@ -174,8 +174,8 @@ def warm_queries(requests: Sequence[RecommendationRequest], settings: Settings) 
 
 
 def _encode(requests: Sequence[RecommendationRequest], settings: Settings, *, light: bool) -> dict:
-    """The requests' query vectors by query text. `light`: one query (`recsys recommend`, a lone job) in a
-    process without the torch model goes through the light encoder."""
+    """The requests' query vectors by query text. `light`: the batch's only query (`recsys recommend`, a lone
+    job) goes through the light encoder when this process has not loaded the torch model."""
     queries = [r.query for r in requests if r.query]
     if not queries:
         return {}
@@ -201,9 +201,10 @@ def _prepare(
     # The histories (and their co-purchase partners) are read while the queries are encoded: the encoder
     # computes and Postgres reads at once.
     reading = process_thread("recsys-histories").submit(_read_histories, customers, settings)
+    light = sum(1 for r in requests if r.query) == 1
     t0 = time.perf_counter()
     try:
-        query_vectors = _encode(halves[0], settings, light=count == 1)
+        query_vectors = _encode(halves[0], settings, light=light)
         embed_seconds = time.perf_counter() - t0
     finally:
         histories, history_seconds = reading.result()
@@ -233,7 +234,7 @@ def _prepare(
         first = process_thread(CANDIDATES_THREAD).submit(candidates_of, halves[0], query_vectors)
         try:
             t1 = time.perf_counter()
-            later_vectors = _encode(halves[1], settings, light=False)
+            later_vectors = _encode(halves[1], settings, light=light)
             second_encoding = time.perf_counter() - t1
             later = candidates_of(halves[1], later_vectors)
         finally:
