@@ -223,7 +223,7 @@ def _prepare(
         return candidates_batch(
             [CandidateRequest(r.customer_id, vectors.get(r.query) if r.query else None, r.exclude_purchased, r.query)
              for r in half],
-            settings, limit=max(wanted), recent=recent, split=len(halves) == 1,
+            settings, limit=max(wanted), recent=recent, split=False,  # the halves are the split
         )
 
     t0 = time.perf_counter()
