@@ -7,10 +7,13 @@ import socket
 import pytest
 import redis
 from click.testing import CliRunner
+from conftest import EXTERNAL
+from sqlalchemy import text
 
 from recsys.cli import cli
 from recsys.config import Settings, set_settings
 from recsys.platform import embedded
+from recsys.platform.db import get_engine
 
 
 def test_broker_answers_and_status_reports_it(broker):
@@ -31,6 +34,22 @@ def test_start_is_idempotent_across_calls(postgres):
     first = embedded.start_postgres(postgres)
     second = embedded.start_postgres(postgres)
     assert first.pid == second.pid
+
+
+@pytest.mark.skipif(EXTERNAL, reason="an external server's databases keep the collation their owner chose")
+def test_new_cluster_sorts_text_by_code_point_with_the_c_collation(postgres):
+    """Databases on a new embedded cluster copy a template1 re-created with LC_COLLATE 'C', whatever the
+    environment's locale; the character classes stay the cluster's."""
+    words = ["b", "B", "\u00e9", "e", "Z", "10", "9", "a b", "ab"]
+    with get_engine(postgres).connect() as conn:
+        collations = conn.execute(text(
+            "SELECT d.datname, d.datcollate, d.datctype = t.datctype FROM pg_database d, pg_database t "
+            "WHERE d.datname IN (current_database(), 'template1') AND t.datname = 'template0'"
+        )).all()
+        ordered = conn.execute(text("SELECT array_agg(w ORDER BY w) FROM unnest(CAST(:w AS text[])) AS w"),
+                               {"w": words}).scalar_one()
+    assert sorted(collations) == [(postgres.db_name, "C", True), ("template1", "C", True)]
+    assert ordered == sorted(words)  # Python's order, which the rankers' tie-breaks share
 
 
 def test_taken_port_is_reported_in_one_line(tmp_path):

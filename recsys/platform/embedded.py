@@ -113,12 +113,36 @@ def start_postgres(settings: Settings) -> ServiceStatus:
             for name, value in POSTGRES_TUNING.items():
                 conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
             conn.execute("SELECT pg_reload_conf()")
+        if first_start or _template_missing(conn):
+            _code_point_template(conn)
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (settings.db_name,)).fetchone()
         if not exists:
             conn.execute(f'CREATE DATABASE "{settings.db_name}"')
     if first_start:
         _restart_postgres(settings)
     return postgres_status(settings)
+
+
+def _code_point_template(conn: psycopg.Connection) -> None:
+    """Make template1, which every later CREATE DATABASE copies, sort text with the `C` collation.
+
+    initdb takes the collation from the environment: `C.UTF-8` here, maybe `en_US.UTF-8` elsewhere, which
+    orders text differently and calls the C library's strcoll for every comparison. `C` orders UTF-8 text by
+    code point (as `C.UTF-8` does, and as Python's `sorted` does), and Postgres then compares bytes
+    directly, so the text index builds, sorts and key lookups on stock codes and invoice numbers are cheaper
+    (README, Performance). The character classes (`LC_CTYPE`: case mapping, full-text parsing)
+    stay the cluster's. Done on a new cluster only, before its first database; existing databases keep the
+    collation they were created with.
+    """
+    if not _template_missing(conn):
+        conn.execute("ALTER DATABASE template1 IS_TEMPLATE false")
+        conn.execute("DROP DATABASE template1")
+    conn.execute("CREATE DATABASE template1 TEMPLATE template0 IS_TEMPLATE true LC_COLLATE 'C'")
+
+
+def _template_missing(conn: psycopg.Connection) -> bool:
+    """template1 is gone only if a first start stopped between dropping and re-creating it."""
+    return conn.execute("SELECT 1 FROM pg_database WHERE datname = 'template1'").fetchone() is None
 
 
 def _restart_postgres(settings: Settings) -> None:
