@@ -109,3 +109,38 @@ def test_query_encoding_is_remembered_and_bf16_stays_close(loaded_db):
     assert ("all-MiniLM-L6-v2", True, "bag charm") in embedding._query_vectors
     with pytest.raises(embedding.EmbeddingError, match="RECSYS_QUERY_DTYPE"):
         embedding.query_dtype(loaded_db.with_(query_dtype="int4"))
+
+
+def test_a_pass_waiting_for_the_encoder_takes_what_a_warm_up_pass_encoded_meanwhile(monkeypatch):
+    """A worker's batch that finds its queries missing waits for the encoder while the warm-up thread encodes
+    them; once it has the encoder it uses those vectors instead of encoding the same queries again."""
+    import threading
+
+    from recsys.catalog import embedding
+    from recsys.config import Settings
+
+    settings = Settings(query_dtype="float32")
+    queries = ["warm-up race query one", "warm-up race query two"]
+    warmed = {query: np.full(384, i + 1.0, dtype=np.float32) for i, query in enumerate(queries)}
+    reached_the_encoder = threading.Event()
+    passes = []
+
+    def model_then_signal(name):
+        reached_the_encoder.set()  # the pass has looked in the cache and found nothing
+        return object()
+
+    monkeypatch.setattr(embedding, "load_model", model_then_signal)
+    monkeypatch.setattr(embedding, "_encode_holding_lock", lambda *args: passes.append(args))
+    found = []
+    try:
+        with embedding._encode_lock:  # the warm-up pass holds the encoder
+            waiting = threading.Thread(target=lambda: found.append(embedding.encode_queries(queries, settings)))
+            waiting.start()
+            assert reached_the_encoder.wait(30)
+            embedding._remember(dict(warmed), settings.embedding_model, False)
+        waiting.join(30)
+    finally:
+        for query in queries:
+            embedding._query_vectors.pop((settings.embedding_model, False, query), None)
+    assert passes == []
+    np.testing.assert_array_equal(found[0], np.stack([warmed[q] for q in queries]))

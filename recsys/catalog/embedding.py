@@ -91,9 +91,15 @@ def encode(
     safe to share between threads, and two passes at once on these cores only slow each other down.
     """
     model = load_model(settings.embedding_model)
+    with _encode_lock:
+        return _encode_holding_lock(model, texts, settings, batch_size, bfloat16)
+
+
+def _encode_holding_lock(model, texts: Sequence[str], settings: Settings, batch_size: int | None,
+                         bfloat16: bool) -> np.ndarray:
     import torch
 
-    with _encode_lock, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
         vectors = model.encode(
             list(texts),
             batch_size=batch_size or settings.embedding_batch_size,
@@ -143,25 +149,44 @@ def encode_queries(queries: Sequence[str], settings: Settings, *, light: bool = 
     model = settings.embedding_model
     light_encoder = _light_encoder(settings) if light else None
     bfloat16 = query_dtype(settings) == "bfloat16" and light_encoder is None
-    vectors: list[np.ndarray | None] = []
+    known = _cached_queries(queries, model, bfloat16)
+    missing = list(dict.fromkeys(q for q in queries if q not in known))
+    if missing and light_encoder is not None:
+        known |= _remember(dict(zip(missing, light_encoder.encode(missing), strict=True)), model, bfloat16)
+    elif missing:
+        torch_model = load_model(model)
+        with _encode_lock:
+            # a worker's warm-up pass may have encoded some of them while this one waited for the encoder
+            known |= _cached_queries(missing, model, bfloat16)
+            missing = [q for q in missing if q not in known]
+            if missing:
+                encoded = _encode_holding_lock(torch_model, missing, settings, None, bfloat16)
+                known |= _remember(dict(zip(missing, encoded, strict=True)), model, bfloat16)
+    vectors = [known[q] for q in queries]
+    return np.stack(vectors) if vectors else np.empty((0, EMBEDDING_DIM), dtype=np.float32)
+
+
+def _cached_queries(queries: Sequence[str], model: str, bfloat16: bool) -> dict[str, np.ndarray]:
+    """The cached vectors of these queries (each marked as recently used)."""
+    found = {}
     with _query_lock:
         for query in queries:
             vector = _query_vectors.get((model, bfloat16, query))
             if vector is not None:
                 _query_vectors.move_to_end((model, bfloat16, query))
-            vectors.append(vector)
-    missing = list(dict.fromkeys(q for q, v in zip(queries, vectors, strict=True) if v is None))
-    if missing:
-        encoded = light_encoder.encode(missing) if light_encoder else encode(missing, settings, bfloat16=bfloat16)
-        fresh = dict(zip(missing, encoded, strict=True))
-        with _query_lock:
-            for query, vector in fresh.items():
-                vector.setflags(write=False)
-                _query_vectors[(model, bfloat16, query)] = vector
-            while len(_query_vectors) > QUERY_CACHE_SIZE:
-                _query_vectors.popitem(last=False)
-        vectors = [fresh[q] if v is None else v for q, v in zip(queries, vectors, strict=True)]
-    return np.stack(vectors) if vectors else np.empty((0, EMBEDDING_DIM), dtype=np.float32)
+                found[query] = vector
+    return found
+
+
+def _remember(fresh: dict[str, np.ndarray], model: str, bfloat16: bool) -> dict[str, np.ndarray]:
+    """Cache freshly encoded query vectors (read-only, the last QUERY_CACHE_SIZE kept); returns them."""
+    with _query_lock:
+        for query, vector in fresh.items():
+            vector.setflags(write=False)
+            _query_vectors[(model, bfloat16, query)] = vector
+        while len(_query_vectors) > QUERY_CACHE_SIZE:
+            _query_vectors.popitem(last=False)
+    return fresh
 
 
 def _light_encoder(settings: Settings):
