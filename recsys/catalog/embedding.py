@@ -206,8 +206,9 @@ def prepare_query_encoder(settings: Settings) -> float:
 
 
 # products embedded in one run from which the HNSW index is built once afterwards (below this, rows
-# go into the existing graph one by one)
-BULK_INDEX_REBUILD = 20_000
+# go into the existing graph one by one). The bundled 3,665: stored in 0.2 s and indexed in 1.2-1.3 s,
+# against 2.8-4.7 s inserted into the graph row by row.
+BULK_INDEX_REBUILD = 1_000
 
 
 @dataclass
