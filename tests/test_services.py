@@ -13,7 +13,7 @@ from sqlalchemy import text
 from recsys.cli import cli
 from recsys.config import Settings, set_settings
 from recsys.platform import embedded
-from recsys.platform.db import get_engine
+from recsys.platform.db import dispose_engines, get_engine
 
 
 def test_broker_answers_and_status_reports_it(broker):
@@ -41,13 +41,16 @@ def test_new_cluster_sorts_text_by_code_point_with_the_c_collation(postgres):
     """Databases on a new embedded cluster copy a template1 re-created with LC_COLLATE 'C', whatever the
     environment's locale; the character classes stay the cluster's."""
     words = ["b", "B", "\u00e9", "e", "Z", "10", "9", "a b", "ab"]
-    with get_engine(postgres).connect() as conn:
-        collations = conn.execute(text(
-            "SELECT d.datname, d.datcollate, d.datctype = t.datctype FROM pg_database d, pg_database t "
-            "WHERE d.datname IN (current_database(), 'template1') AND t.datname = 'template0'"
-        )).all()
-        ordered = conn.execute(text("SELECT array_agg(w ORDER BY w) FROM unnest(CAST(:w AS text[])) AS w"),
-                               {"w": words}).scalar_one()
+    try:
+        with get_engine(postgres).connect() as conn:
+            collations = conn.execute(text(
+                "SELECT d.datname, d.datcollate, d.datctype = t.datctype FROM pg_database d, pg_database t "
+                "WHERE d.datname IN (current_database(), 'template1') AND t.datname = 'template0'"
+            )).all()
+            ordered = conn.execute(text("SELECT array_agg(w ORDER BY w) FROM unnest(CAST(:w AS text[])) AS w"),
+                                   {"w": words}).scalar_one()
+    finally:
+        dispose_engines()  # a pooled session on the template database would stop later tests copying it
     assert sorted(collations) == [(postgres.db_name, "C", True), ("template1", "C", True)]
     assert ordered == sorted(words)  # Python's order, which the rankers' tie-breaks share
 
