@@ -76,6 +76,46 @@ def test_the_templated_rerank_json_is_the_message_encoded_for_every_job_id(base_
         assert json.dumps(fast) == json.dumps(slow)
 
 
+def test_withdrawing_answered_jobs_takes_only_their_rerank_messages_near_the_consuming_end(flushed_broker):
+    settings = flushed_broker
+    broker.reset_clients()
+    ids = [str(uuid.uuid4()) for _ in range(8)]
+    broker.client(settings).send_task(broker.RERANK_TASK, args=[ids[0]], queue=broker.RERANK_QUEUE, task_id=ids[0])
+    for job_id in ids[1:6]:
+        broker.send_rerank(job_id, settings)
+    broker.send_rerank(ids[2], settings, countdown=30)  # a retry's message, with an eta
+    # another task's message that carries one of the ids, on the same list: not a rerank, so it stays
+    broker.client(settings).send_task(broker.SUBMIT_TASK, args=[{}], queue=broker.RERANK_QUEUE, task_id=ids[3])
+    for job_id in ids[6:]:
+        broker.send_rerank(job_id, settings)
+
+    def waiting() -> list[tuple[str, str]]:
+        return [(m["headers"]["task"], m["headers"]["id"]) for m in rerank_list(settings)]
+
+    assert broker.withdraw_reranks([ids[0], ids[2], ids[3], str(uuid.uuid4())], settings) == 4
+    assert waiting() == [(broker.RERANK_TASK, ids[1]), (broker.RERANK_TASK, ids[4]), (broker.RERANK_TASK, ids[5]),
+                         (broker.SUBMIT_TASK, ids[3]), (broker.RERANK_TASK, ids[6]), (broker.RERANK_TASK, ids[7])]
+    # one job: only the WITHDRAW_SCAN_PER_JOB oldest messages are looked at, so the newest stays for its consumer
+    assert broker.WITHDRAW_SCAN_PER_JOB == 4
+    assert broker.withdraw_reranks([ids[7]], settings) == 0
+    assert broker.withdraw_reranks([ids[6], ids[7]], settings) == 2
+    assert [job_id for _, job_id in waiting()] == [ids[1], ids[4], ids[5], ids[3]]
+    assert broker.withdraw_reranks([], settings) == 0
+
+
+def test_withdrawing_from_a_broker_that_is_down_leaves_the_messages_and_raises_nothing(tmp_path, caplog):
+    from conftest import free_port
+
+    from recsys.config import Settings
+
+    settings = Settings(home=tmp_path / "no-broker", broker_port=free_port())
+    try:
+        assert broker.withdraw_reranks([str(uuid.uuid4())], settings) == 0
+    finally:
+        broker.reset_clients()
+    assert "stay queued" in caplog.text
+
+
 def test_a_push_to_a_broker_that_went_away_fails_fast_and_the_next_one_reconnects(tmp_path):
     from conftest import free_port
 

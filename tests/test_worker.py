@@ -87,12 +87,13 @@ def test_a_pure_celery_client_submits_and_reads_results_by_task_name(loaded_db, 
 
 
 def test_jobs_answered_inside_another_jobs_batch_still_give_their_celery_result(loaded_db, start_worker):
-    """One message's batch ranks all six jobs; the other five messages are acknowledged without work,
-    and every job's AsyncResult holds its own summary. All six are queued before the worker starts,
-    so the first message's claim finds the other five whatever the machine's speed."""
+    """One message's batch ranks all six jobs and takes the other five messages off the queue; every job's
+    AsyncResult still holds its own summary. All six are queued before the worker starts, so the first
+    message's claim finds the other five whatever the machine's speed, and a process takes its next message
+    only after acknowledging this one (late acks, prefetch 1): the five are still waiting."""
     queries = ["BAG CHARM", "LANTERN", "NIGHT LIGHT", "DOORMAT", "TEA SET", "CAKE STAND"]
     outcomes = [jobs.submit_recommendation(payload(query=q), settings=loaded_db) for q in queries]
-    start_worker(loaded_db, RECSYS_BATCH_WAIT_MS="0", RECSYS_BATCH_SIZE="8")
+    worker = start_worker(loaded_db, RECSYS_BATCH_WAIT_MS="0", RECSYS_BATCH_SIZE="8")
     url = loaded_db.celery_broker_url
     client = Celery(broker=url, backend=url)
     client.conf.update(accept_content=["json"], result_serializer="json")
@@ -104,6 +105,8 @@ def test_jobs_answered_inside_another_jobs_batch_still_give_their_celery_result(
     assert all(s["status"] == "succeeded" and len(s["result"]["items"]) == 3 for s in summaries)
     assert {s["result"]["batch_size"] for s in summaries} == {6}
     assert {finished(loaded_db, o.job_id)["attempts"] for o in outcomes} == {1}
+    wait_until(lambda: broker_idle(loaded_db), 60, "no message left in the queue or unacknowledged")
+    assert "took 5 waiting messages of answered jobs off the rerank queue" in worker.log_path.read_text(), worker.log()
 
 
 def test_broker_down_at_submit_then_back_and_the_sweeper_sends_the_job(loaded_db, start_worker, tmp_path):

@@ -15,7 +15,7 @@ from celery import states
 
 from recsys import jobs
 from recsys.jobs.retry import MAX_INFRASTRUCTURE_RETRIES
-from recsys.platform.broker import DISCOVER_TASK, RERANK_TASK, SUBMIT_TASK, SWEEP_TASK
+from recsys.platform.broker import DISCOVER_TASK, RERANK_TASK, SUBMIT_TASK, SWEEP_TASK, withdraw_reranks
 from recsys.recommend.request import RequestError
 from worker.app import app, settings
 
@@ -33,6 +33,7 @@ def rerank(self, job_id: str) -> dict | None:
             raise
         raise self.retry(exc=exc, countdown=jobs.infrastructure_countdown(self.request.retries)) from exc
     _store_answers(self.backend, outcome.others)
+    withdraw_reranks([answer["job_id"] for answer in outcome.others], settings)  # their answers are stored first
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
     summary = outcome.summary()
@@ -44,9 +45,10 @@ def rerank(self, job_id: str) -> dict | None:
 def _answered_by_a_batch(task, job_id: str) -> bool:
     """True when another message's batch already finished this job and stored its answer in the backend.
 
-    A busy worker finishes most jobs inside the batch of an earlier message; their own messages
-    then only need acknowledging: a memory lookup when this process ran the batch, else one backend
-    read, instead of a database read and a second write.
+    A busy worker finishes most jobs inside the batch of an earlier message, which takes their own messages
+    off the queue; one a consumer took first (or that waited further back) then only needs acknowledging: a
+    memory lookup when this process ran the batch, else one backend read, instead of a database read and a
+    second write.
     """
     if str(job_id) in _answered_here:
         return True

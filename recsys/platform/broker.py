@@ -212,6 +212,57 @@ def _push(message: str, settings: Settings) -> None:
         pool.release(connection)
 
 
+# How far from the consuming end `withdraw_reranks` looks, per job: a batch answers the oldest queued jobs, whose
+# messages wait there, a little out of order when several threads or processes submit.
+WITHDRAW_SCAN_PER_JOB = 4
+# KEYS[1]: the queue's list; ARGV[1]: how many messages from its consuming end (the right) to look at; ARGV[2]: the
+# task name; ARGV[3..]: job ids. A message whose task id (the first "id" key: the headers') is one of them is
+# removed. Run in the broker, so no message is read out and no consumer can take one half-way.
+_WITHDRAW_LUA = """
+local wanted = {}
+for i = 3, #ARGV do wanted[ARGV[i]] = true end
+local removed = 0
+for _, message in ipairs(redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)) do
+  local id = string.match(message, '"id":%s*"([^"]+)"')
+  if id and wanted[id] then
+    local ok, decoded = pcall(cjson.decode, message)
+    if ok and type(decoded) == 'table' and type(decoded.headers) == 'table'
+        and decoded.headers.task == ARGV[2] and decoded.headers.id == id then
+      removed = removed + redis.call('LREM', KEYS[1], -1, message)
+    end
+  end
+end
+return removed
+"""
+
+
+def withdraw_reranks(job_ids, settings: Settings) -> int:
+    """Take the waiting `recsys.rerank` messages of these jobs off the rerank queue; how many were taken.
+
+    For jobs a worker has just finished inside another message's batch: their own messages would each
+    only be handed to a pool process and acknowledged (Celery's whole per-message cost, ~3 ms here, for
+    nothing), one after another before the next batch can start. Only the messages near the consuming end
+    are looked at (`WITHDRAW_SCAN_PER_JOB` per job); one found further back, or taken by a consumer
+    first, is still answered as before. Never raises: a broker error is logged and the messages stay.
+    Redis brokers only (others: 0).
+    """
+    ids = [str(job_id) for job_id in job_ids]
+    if not ids or not settings.celery_broker_url.startswith(REDIS_SCHEMES):
+        return 0
+    try:
+        redis = redis_client(settings)
+        script = _kept(_withdraw_scripts, settings, lambda _url: redis.register_script(_WITHDRAW_LUA))
+        withdrawn = int(script(keys=[RERANK_QUEUE], args=[WITHDRAW_SCAN_PER_JOB * len(ids), RERANK_TASK, *ids]))
+    except Exception as exc:
+        log.warning("the messages of %d answered jobs stay queued: %s", len(ids), exc)
+        return 0
+    if withdrawn:
+        log.info("took %d waiting messages of answered jobs off the %s queue", withdrawn, RERANK_QUEUE)
+    return withdrawn
+
+
+_withdraw_scripts: dict[tuple[int, str], object] = {}
+
 KEPT_PUSHERS = 4
 _idle_pushers: dict[tuple[int, str], list] = {}
 _publishers: dict[tuple[int, str], object] = {}
@@ -261,4 +312,5 @@ def reset_clients() -> None:
             redis.close()
         _redis_clients.clear()
         _publishers.clear()
+        _withdraw_scripts.clear()
         _declared.clear()
