@@ -298,8 +298,8 @@ def _after_warming(outcome):
         return outcome
 
 
-def test_a_lone_worker_warms_the_next_batch_queries_while_it_acknowledges_the_last(loaded_db, flushed_broker,
-                                                                                 empty_query_cache):
+def test_a_lone_worker_warms_the_next_batch_queries_after_its_batch(loaded_db, flushed_broker,
+                                                                   empty_query_cache):
     settings = loaded_db.with_(batch_size=2)
     first = [jobs.submit_recommendation(p, settings=settings).job_id for p in [payload(), OTHER_REQUESTS[0]]]
     upcoming = [jobs.submit_recommendation(p, settings=settings) for p in OTHER_REQUESTS[1:3]]
