@@ -102,10 +102,11 @@ def _submission(outcome):
     job_id = str(outcome.job_id) if outcome.job_id else None
     body = {"job_id": job_id, "status": outcome.status, "cached": outcome.cached, "created": outcome.created,
             "status_url": _job_url(job_id) if job_id else None}
+    encoded = json.dumps(body, separators=(",", ":"))  # what jsonify writes, without its provider's per-call set-up
     if outcome.result_json is not None:
         # the stored result goes in as the database printed it: parsing and re-encoding it cost more than the rest
-        return _json_document(f'{json.dumps(body, separators=(",", ":"))[:-1]},"result":{outcome.result_json}}}')
-    return jsonify(body), 202, {"Location": body["status_url"]}
+        return _json_document(f'{encoded[:-1]},"result":{outcome.result_json}}}')
+    return _json_document(encoded), 202, {"Location": body["status_url"]}
 
 
 @bp.post("/recommendations")
