@@ -225,6 +225,7 @@ def test_the_snapshot_holds_nothing_on_or_after_the_cutoff(split_db, tmp_path):
     from sqlalchemy import text
 
     from recsys.catalog.ingest import ingest_file
+    from recsys.platform import migrations
     from recsys.platform.db import get_engine
 
     later = tmp_path / "later.csv"  # a product first sold on the cutoff day
@@ -249,9 +250,11 @@ def test_the_snapshot_holds_nothing_on_or_after_the_cutoff(split_db, tmp_path):
         pairs = conn.execute(text("SELECT count(*) FROM copurchase")).scalar()
         runs = conn.execute(text("SELECT count(*) FROM ingest_runs")).scalar()
     assert only_later and pairs > 0
-    again = snapshot_settings(split_db, cutoff)  # reused, not rebuilt
+    migrations.downgrade(snapshot, "-1")  # as if built by the code before the newest migration
+    again = snapshot_settings(split_db, cutoff)  # reused, not rebuilt, and brought to this code's schema
     with get_engine(again).connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM ingest_runs")).scalar() == runs
+    assert migrations.current_revision(again) == migrations.head_revision()
 
 
 def test_the_evaluation_and_the_worker_call_the_same_pipeline(split_db, flushed_broker, monkeypatch):

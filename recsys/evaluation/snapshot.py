@@ -116,6 +116,10 @@ def snapshot_settings(settings: Settings, cutoff: datetime, progress: Progress |
             try:
                 if _comment(conn, name) == wanted:
                     log.info("reusing snapshot %s", name)
+                    # its rows still match; its schema and SQL functions follow the code (a no-op at the head)
+                    from recsys.platform.migrations import upgrade
+
+                    upgrade(target)
                     return target
                 step(f"building snapshot {name}")
                 started = time.perf_counter()
