@@ -250,8 +250,8 @@ def withdraw_reranks(job_ids, settings: Settings) -> int:
     if not ids or not settings.celery_broker_url.startswith(REDIS_SCHEMES):
         return 0
     try:
-        redis = redis_client(settings)
-        script = _kept(_withdraw_scripts, settings, lambda _url: redis.register_script(_WITHDRAW_LUA))
+        client_for_scripts = redis_client(settings)
+        script = _kept(_withdraw_scripts, settings, lambda _url: client_for_scripts.register_script(_WITHDRAW_LUA))
         withdrawn = int(script(keys=[RERANK_QUEUE], args=[WITHDRAW_SCAN_PER_JOB * len(ids), RERANK_TASK, *ids]))
     except Exception as exc:
         log.warning("the messages of %d answered jobs stay queued: %s", len(ids), exc)
