@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 
 import redis
 from sqlalchemy import text
+from support.proxy import CuttingProxy
 from support.waiting import wait_until
 
 from recsys import jobs
@@ -141,6 +143,89 @@ def test_a_push_to_a_broker_that_went_away_fails_fast_and_the_next_one_reconnect
     finally:
         broker.reset_clients()
         embedded.stop_broker(settings)
+
+
+def kept_pushers(settings) -> list:
+    return broker._idle_pushers.get((os.getpid(), settings.celery_broker_url), [])
+
+
+def test_a_push_that_does_not_wait_is_settled_by_the_next_push_on_its_connection(flushed_broker):
+    settings = flushed_broker
+    broker.reset_clients()
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    broker.send_rerank(ids[0], settings)  # through send_task, which declares the queue
+    for job_id in ids[1:4]:
+        broker.send_rerank(job_id, settings, wait=False)
+    [pusher] = kept_pushers(settings)
+    assert json.loads(pusher.unread[0])["headers"]["id"] == ids[3], "only the newest reply is unread"
+    broker.send_rerank(ids[4], settings)  # waits: reads the earlier reply first, then its own
+    assert pusher.unread is None and not pusher.connection.can_read(timeout=0), "no reply left on the connection"
+    assert [message["headers"]["id"] for message in rerank_list(settings)] == ids
+    broker.reset_clients()
+
+
+def test_a_push_that_does_not_wait_after_the_broker_restarted_reaches_the_new_broker(tmp_path):
+    from conftest import free_port
+
+    from recsys.config import Settings
+    from recsys.platform import embedded
+
+    settings = Settings(home=tmp_path / "own-broker", broker_port=free_port())
+    embedded.start_broker(settings)
+    try:
+        broker.send_rerank(str(uuid.uuid4()), settings)  # through send_task, which declares the queue
+        broker.send_rerank(str(uuid.uuid4()), settings, wait=False)  # answered before the broker stops
+        embedded.stop_broker(settings)
+        embedded.start_broker(settings)
+        job_id = str(uuid.uuid4())
+        broker.send_rerank(job_id, settings, wait=False)  # the closed connection is noticed before writing to it
+        wait_until(lambda: job_id in [message["headers"]["id"] for message in rerank_list(settings)], timeout=10,
+                   what="the message in the restarted broker")
+    finally:
+        broker.reset_clients()
+        embedded.stop_broker(settings)
+
+
+def test_a_message_whose_reply_was_lost_is_sent_again_by_the_next_push(flushed_broker):
+    broker.reset_clients()
+    lost = []
+    with CuttingProxy(flushed_broker.broker_port) as proxy:
+        settings = flushed_broker.with_(broker_url=f"redis://127.0.0.1:{proxy.port}/0")
+        try:
+            declaring, connecting, cut, after = (str(uuid.uuid4()) for _ in range(4))
+            broker.send_rerank(declaring, settings)
+            broker.send_rerank(connecting, settings)  # the kept connection is made (its handshake is not cut)
+            proxy.cut_next_reply()
+            broker.send_rerank(cut, settings, wait=False, on_lost=lost.append)  # Redis takes it; its reply is lost
+            broker.send_rerank(after, settings, on_lost=lost.append)
+        finally:
+            broker.reset_clients()
+    # `cut` twice: taken before the connection died, and sent again because its reply never came
+    sent = [message["headers"]["id"] for message in rerank_list(flushed_broker)]
+    assert sent == [declaring, connecting, cut, cut, after]
+    assert lost == []
+
+
+def test_a_submission_the_broker_refused_unseen_is_cleared_for_the_sweeper_by_the_next_push(
+    loaded_db, flushed_broker, caplog
+):
+    settings = loaded_db
+    broker.reset_clients()
+    jobs.submit_recommendation(payload(query="declares the queue"), settings=settings)
+    queue = redis.Redis.from_url(settings.celery_broker_url)
+    queue.delete("rerank")
+    queue.set("rerank", "not a list")  # every LPUSH on it is refused (WRONGTYPE)
+    refused = jobs.submit_recommendation(payload(query="refused"), settings=settings, wait_for_broker=False)
+    assert refused.status == "queued" and jobs.get_job(refused.job_id, settings)["timings"]["sent_at"] is not None
+    queue.delete("rerank")
+    taken = jobs.submit_recommendation(payload(query="taken"), settings=settings, wait_for_broker=False)
+    assert jobs.get_job(refused.job_id, settings)["timings"]["sent_at"] is None
+    assert jobs.get_job(taken.job_id, settings)["timings"]["sent_at"] is not None
+    assert f"job {refused.job_id} stays queued until the sweeper re-sends it" in caplog.text
+    assert [message["headers"]["id"] for message in rerank_list(settings)] == [str(taken.job_id)]
+    assert jobs.requeue_stale(settings, older_than_seconds=0) >= 1
+    assert str(refused.job_id) in [message["headers"]["id"] for message in rerank_list(settings)]
+    broker.reset_clients()
 
 
 def test_the_cache_key_is_the_documented_hash_and_moves_with_what_changes_answers(loaded_db, flushed_broker):

@@ -128,7 +128,7 @@ def _submission(outcome):
 )
 def create_recommendation():
     asked = parse_body(RecommendationRequest)
-    outcome = jobs.submit_recommendation(asked, settings(), idempotency_key=_idempotency_key())
+    outcome = jobs.submit_recommendation(asked, settings(), idempotency_key=_idempotency_key(), wait_for_broker=False)
     if outcome.result_json is not None:
         count_recommendation("cached" if outcome.cached else "finished")
     else:
@@ -156,7 +156,7 @@ def create_recommendation():
 )
 def create_discover():
     asked = parse_body(DiscoverRequest)
-    outcome = jobs.submit_discover(asked, settings(), idempotency_key=_idempotency_key())
+    outcome = jobs.submit_discover(asked, settings(), idempotency_key=_idempotency_key(), wait_for_broker=False)
     return _submission(outcome)
 
 

@@ -76,14 +76,17 @@ class SubmitOutcome:
 
 
 def submit_recommendation(
-    payload: dict, settings: Settings, *, idempotency_key: str | None = None
+    payload: dict, settings: Settings, *, idempotency_key: str | None = None, wait_for_broker: bool = True
 ) -> SubmitOutcome:
     """A recommendation job, with the request's ranker filled in from settings: see `submit_job`."""
     request = RecommendationRequest.from_dict(payload).with_defaults(settings)
-    return submit_job(RECOMMENDATION, request, settings, idempotency_key=idempotency_key)
+    return submit_job(RECOMMENDATION, request, settings, idempotency_key=idempotency_key,
+                      wait_for_broker=wait_for_broker)
 
 
-def submit_job(kind_name: str, payload, settings: Settings, *, idempotency_key: str | None = None) -> SubmitOutcome:
+def submit_job(
+    kind_name: str, payload, settings: Settings, *, idempotency_key: str | None = None, wait_for_broker: bool = True
+) -> SubmitOutcome:
     """Validate, answer from the cache, or record a queued job of this kind (recsys.jobs.kinds) and send it.
 
     Bad input raises RequestError and writes nothing. A cache hit answers with the job that made
@@ -95,6 +98,10 @@ def submit_job(kind_name: str, payload, settings: Settings, *, idempotency_key: 
     the cache or queued in one statement, so a hit costs one round trip and a new job two (the statement and
     its message). The insert commits with the server's synchronous_commit, so the job is on disk before its
     message is sent.
+
+    `wait_for_broker=False` (the API) returns once the message is written to the broker, without waiting
+    for the broker's reply, which the connection's next push reads (`broker.send_rerank`); a message the
+    broker turns out not to have taken is sent again, or left to the sweeper like a refused one.
     """
     from recsys.jobs.kinds import job_kind
 
@@ -117,7 +124,7 @@ def submit_job(kind_name: str, payload, settings: Settings, *, idempotency_key: 
         existing = run_bare(settings, lambda db: _insert_job(db, {**row, "cache_key": key}, stored_request))
         if existing is not None:
             return existing
-    send_job(job_id, settings, sent_at_recorded=True)
+    send_job(job_id, settings, sent_at_recorded=True, wait=wait_for_broker)
     return SubmitOutcome(job_id=job_id, status="queued", result_json=None, cached=False, created=True)
 
 
@@ -156,9 +163,11 @@ def _insert_job(db: psycopg.Cursor, row: dict, stored_request: dict) -> SubmitOu
     return existing
 
 
-def submit_discover(payload, settings: Settings, *, idempotency_key: str | None = None) -> SubmitOutcome:
+def submit_discover(
+    payload, settings: Settings, *, idempotency_key: str | None = None, wait_for_broker: bool = True
+) -> SubmitOutcome:
     """A discover job (a need, optionally a customer): see `submit_job`."""
-    return submit_job("discover", payload, settings, idempotency_key=idempotency_key)
+    return submit_job("discover", payload, settings, idempotency_key=idempotency_key, wait_for_broker=wait_for_broker)
 
 
 def _existing_for_key(db: psycopg.Cursor, idempotency_key: str, stored_request: dict) -> SubmitOutcome | None:
@@ -173,19 +182,24 @@ def _existing_for_key(db: psycopg.Cursor, idempotency_key: str, stored_request: 
 
 
 def send_job(
-    job_id, settings: Settings, *, countdown: float | None = None, sent_at_recorded: bool = False
+    job_id, settings: Settings, *, countdown: float | None = None, sent_at_recorded: bool = False, wait: bool = True
 ) -> bool:
     """Send the job's Celery message and record when; False (logged) when the broker did not take it.
 
     `sent_at_recorded`: the caller already wrote sent_at with the job row (a submit saves a
-    transaction that way); it is cleared again if the broker refuses the message.
+    transaction that way); it is cleared again if the broker refuses the message. `wait=False`: see
+    `broker.send_rerank`; a message found lost later is handled the same way then.
     """
-    try:
-        broker.send_rerank(str(job_id), settings, countdown=countdown)
-    except broker.BrokerUnavailable as exc:
-        log.warning("job %s stays queued until the sweeper re-sends it: %s", job_id, exc)
+
+    def refused(error: Exception) -> None:
+        log.warning("job %s stays queued until the sweeper re-sends it: %s", job_id, error)
         if sent_at_recorded:
             _set_sent_at(job_id, None, settings)
+
+    try:
+        broker.send_rerank(str(job_id), settings, countdown=countdown, wait=wait, on_lost=refused)
+    except broker.BrokerUnavailable as exc:
+        refused(exc)
         return False
     if not sent_at_recorded:
         _set_sent_at(job_id, float(countdown or 0), settings)
@@ -193,13 +207,13 @@ def send_job(
 
 
 def _set_sent_at(job_id, delay: float | None, settings: Settings) -> None:
-    """sent_at = now() + delay; a None delay clears it (make_interval is strict), for a message never taken."""
+    """sent_at = now() + delay; a None delay clears it (make_interval is strict) for a message never taken, while the
+    job is still queued (a message found lost after the fact may belong to a job another message already ran)."""
+    statement = ("UPDATE jobs SET sent_at = now() + make_interval(secs => CAST(:delay AS float8)) WHERE id = :id"
+                 if delay is not None else "UPDATE jobs SET sent_at = NULL WHERE id = :id AND status = 'queued'")
     try:
         with quick_commit(settings) as conn:
-            conn.execute(
-                text("UPDATE jobs SET sent_at = now() + make_interval(secs => CAST(:delay AS float8)) WHERE id = :id"),
-                {"id": job_id, "delay": delay},
-            )
+            conn.execute(text(statement), {"id": job_id, "delay": delay})
     except Exception as exc:
         log.warning("job %s: its sent_at was not recorded: %s", job_id, readable(exc))
 

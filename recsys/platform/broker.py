@@ -10,6 +10,8 @@ sweeper sends it later.
 the request (kombu builds a Redis client per message). After a process's first message to a Redis
 broker, which goes through `send_task` and so declares the queue, it builds the same message with
 Celery's own code and pushes it on the queue's list as kombu would, on a connection kept per process.
+The API does not wait for that push's reply (`send_rerank(wait=False)`): the connection's next push reads
+it, and sends the message again if the connection was lost before it came.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from celery import Celery
@@ -83,15 +86,25 @@ def client(settings: Settings) -> Celery:
         return app
 
 
-def send_rerank(job_id: str, settings: Settings, *, countdown: float | None = None) -> None:
-    """Queue `recsys.rerank(job_id)` on the rerank queue; the Celery task id is the job id."""
+def send_rerank(
+    job_id: str, settings: Settings, *, countdown: float | None = None, wait: bool = True,
+    on_lost: Callable[[Exception], None] | None = None,
+) -> None:
+    """Queue `recsys.rerank(job_id)` on the rerank queue; the Celery task id is the job id.
+
+    `wait=False` writes the message to the broker without waiting for its reply, which is read when the
+    connection is next used for a push (`_settle`): a blocking round trip less for a caller that answers its
+    own client first (the API's submissions). A message whose reply then says it was not taken is sent
+    again; if that fails too, `on_lost(error)` is called, from whichever thread settles it. A process's first
+    message always waits (it goes through `send_task`, which declares the queue).
+    """
     job_id = str(job_id)
     url = settings.celery_broker_url
     try:
         if (os.getpid(), url) in _declared:
             app = client(settings)
             _push(rerank_json(app, job_id) if not countdown else json_dumps(rerank_message(app, job_id, countdown)),
-                  settings)
+                  settings, wait=wait, on_lost=on_lost)
             return
         client(settings).send_task(RERANK_TASK, args=[job_id], queue=RERANK_QUEUE, task_id=job_id, countdown=countdown)
     except Exception as exc:
@@ -175,41 +188,101 @@ def _origin() -> str:
     return origin
 
 
-def _push(message: str, settings: Settings) -> None:
+class _Pusher:
+    """A publisher connection this process keeps checked out for pushes, with the one push on it whose reply is
+    still unread (sent with `wait=False`): its message and `on_lost`."""
+
+    __slots__ = ("connection", "unread")
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.unread: tuple[str, Callable[[Exception], None] | None] | None = None
+
+
+def _push(message: str, settings: Settings, *, wait: bool = True,
+          on_lost: Callable[[Exception], None] | None = None) -> None:
     """LPUSH of a rerank message's JSON on the queue's list (priority 0 is the bare queue name), as kombu's Redis
     transport does.
 
     Sent on a connection this process keeps checked out of the publisher's pool (`_idle_pushers`): redis-py's
     command layer (a check-out that polls the socket, the retry wrapper, the check-in) was 40 of a push's
     ~70 µs. A broker error is retried as the publisher's own policy would (PUBLISH_RETRIES, a moment apart).
+    The connection's earlier unread reply is settled first, so at most one is ever unread.
     """
-    from redis.exceptions import ConnectionError, TimeoutError
-
     pool = _publisher(settings).connection_pool
     idle = _idle_pushers.setdefault((os.getpid(), settings.celery_broker_url), [])
     try:
-        connection = idle.pop()  # atomic: threads never share one
+        pusher = idle.pop()  # atomic: threads never share one
     except IndexError:
-        connection = pool.get_connection()
+        pusher = _Pusher(pool.get_connection())
     try:
-        packed = connection.pack_command("LPUSH", RERANK_QUEUE, message)
-        for failures in range(PUBLISH_RETRIES + 1):
-            try:
-                connection.send_packed_command(packed, check_health=False)  # reconnects when disconnected
-                connection.read_response()
-                break
-            except (ConnectionError, TimeoutError):
-                connection.disconnect()
-                if failures == PUBLISH_RETRIES:
-                    raise
-                time.sleep(PUBLISH_RETRY_SECONDS)
+        _settle(pusher)
+        _send(pusher.connection, message, wait=wait)
     except BaseException:
-        pool.release(connection)
+        pusher.connection.disconnect()
+        pool.release(pusher.connection)
         raise
+    if not wait:
+        pusher.unread = (message, on_lost)
     if len(idle) < KEPT_PUSHERS:
-        idle.append(connection)
+        idle.append(pusher)
     else:
-        pool.release(connection)
+        _settle(pusher)
+        pool.release(pusher.connection)
+
+
+def _send(connection, message: str, *, wait: bool) -> None:
+    """Send one LPUSH, and read its reply when `wait`; a lost connection is retried as the publisher's policy says."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    packed = connection.pack_command("LPUSH", RERANK_QUEUE, message)
+    for failures in range(PUBLISH_RETRIES + 1):
+        try:
+            connection.send_packed_command(packed, check_health=False)  # reconnects when disconnected
+            if wait:
+                connection.read_response()
+            return
+        except (ConnectionError, TimeoutError):
+            connection.disconnect()
+            if failures == PUBLISH_RETRIES:
+                raise
+            time.sleep(PUBLISH_RETRY_SECONDS)
+
+
+def _settle(pusher: _Pusher) -> None:
+    """Read the reply of the pusher's unread push, sending its message again if the connection was lost first;
+    then make sure the connection was not closed by the broker meanwhile (a restart), so the next message is
+    not written into a dead socket. Never raises: a message that cannot be sent goes to its `on_lost`."""
+    from redis.exceptions import RedisError, ResponseError
+
+    connection = pusher.connection
+    unread, pusher.unread = pusher.unread, None
+    if unread is not None:
+        message, on_lost = unread
+        try:
+            connection.read_response()
+        except ResponseError as exc:  # the broker refused this message: sending it again would be refused too
+            _lost(on_lost, exc)
+        except RedisError:  # the connection was lost (or garbled) before the reply came
+            connection.disconnect()
+            try:
+                _send(connection, message, wait=True)  # it may have been taken before the loss: a duplicate is harmless
+            except RedisError as exc:
+                _lost(on_lost, exc)
+    try:
+        if connection.can_read(timeout=0):  # nothing is owed to us: data here is a closed or confused connection
+            connection.disconnect()
+    except RedisError:
+        connection.disconnect()  # closed by the broker; the next send reconnects
+
+
+def _lost(on_lost: Callable[[Exception], None] | None, error: Exception) -> None:
+    log.warning("a rerank message the broker did not take: %s", error)
+    if on_lost is not None:
+        try:
+            on_lost(error)
+        except Exception:
+            log.exception("handling a rerank message the broker did not take failed")
 
 
 # How far from the consuming end `withdraw_reranks` looks, per job: a batch answers the oldest queued jobs, whose
@@ -305,8 +378,8 @@ def reset_clients() -> None:
             app.close()
         _apps.clear()
         for (pid, _url), idle in _idle_pushers.items():
-            for connection in idle if pid == os.getpid() else ():
-                connection.disconnect()
+            for pusher in idle if pid == os.getpid() else ():
+                pusher.connection.disconnect()  # an unread reply goes with it, as when the process ends
         _idle_pushers.clear()
         for redis in [*_redis_clients.values(), *_publishers.values()]:
             redis.close()
