@@ -246,9 +246,13 @@ def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
 
 @pytest.fixture
 def flushed_broker(broker):
-    """The session broker with no messages or heartbeats left over from other tests."""
+    """The session broker with no messages or heartbeats left over from other tests (their API submissions' messages
+    pushed by this process's relay first, so none lands after the flush)."""
     import redis
 
+    from recsys.jobs import relay
+
+    relay.flush()
     redis.Redis.from_url(broker.celery_broker_url).flushall()
     yield broker
 

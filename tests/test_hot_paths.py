@@ -7,15 +7,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 
+import pytest
 import redis
 from sqlalchemy import text
 from support.proxy import CuttingProxy
 from support.waiting import wait_until
 
 from recsys import jobs
+from recsys.jobs import relay
 from recsys.platform import broker
 from recsys.platform.db import get_engine, run_bare
 from recsys.recommend import cache
@@ -157,7 +161,8 @@ def test_a_push_that_does_not_wait_is_settled_by_the_next_push_on_its_connection
     for job_id in ids[1:4]:
         broker.send_rerank(job_id, settings, wait=False)
     [pusher] = kept_pushers(settings)
-    assert json.loads(pusher.unread[0])["headers"]["id"] == ids[3], "only the newest reply is unread"
+    [unread_message] = pusher.unread[0]
+    assert json.loads(unread_message)["headers"]["id"] == ids[3], "only the newest reply is unread"
     broker.send_rerank(ids[4], settings)  # waits: reads the earlier reply first, then its own
     assert pusher.unread is None and not pusher.connection.can_read(timeout=0), "no reply left on the connection"
     assert [message["headers"]["id"] for message in rerank_list(settings)] == ids
@@ -206,9 +211,41 @@ def test_a_message_whose_reply_was_lost_is_sent_again_by_the_next_push(flushed_b
     assert lost == []
 
 
-def test_a_submission_the_broker_refused_unseen_is_cleared_for_the_sweeper_by_the_next_push(
-    loaded_db, flushed_broker, caplog
-):
+def test_several_messages_go_in_one_push_in_the_order_given(flushed_broker):
+    settings = flushed_broker
+    broker.reset_clients()
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    broker.send_reranks(ids[:3], settings)  # the first through send_task, which declares the queue
+    broker.send_reranks(ids[3:], settings, wait=False)
+    broker.settle_pushes(settings)
+    assert [message["headers"]["id"] for message in rerank_list(settings)] == ids
+    [pusher] = kept_pushers(settings)
+    assert pusher.unread is None and not pusher.connection.can_read(timeout=0), "no reply left on the connection"
+    broker.send_rerank(ids[0], settings)
+    messages = rerank_list(settings)
+    assert messages[-1] == messages[0], "a message sent in a batch is the one sent alone"
+    broker.reset_clients()
+
+
+def lpush_calls(settings) -> int:
+    stats = redis.Redis.from_url(settings.celery_broker_url).info("commandstats")
+    return stats.get("cmdstat_lpush", {}).get("calls", 0)
+
+
+def test_the_relay_sends_handed_over_jobs_in_order_in_fewer_pushes_than_jobs(flushed_broker):
+    settings = flushed_broker
+    broker.reset_clients()
+    ids = [str(uuid.uuid4()) for _ in range(20)]
+    before = lpush_calls(settings)
+    for job_id in ids:
+        relay.hand_over(job_id, settings)
+    assert relay.flush()
+    assert [message["headers"]["id"] for message in rerank_list(settings)] == ids
+    assert lpush_calls(settings) - before < len(ids)
+    broker.reset_clients()
+
+
+def test_a_submission_the_broker_refused_is_cleared_for_the_sweeper_by_the_relay(loaded_db, flushed_broker, caplog):
     settings = loaded_db
     broker.reset_clients()
     jobs.submit_recommendation(payload(query="declares the queue"), settings=settings)
@@ -216,16 +253,41 @@ def test_a_submission_the_broker_refused_unseen_is_cleared_for_the_sweeper_by_th
     queue.delete("rerank")
     queue.set("rerank", "not a list")  # every LPUSH on it is refused (WRONGTYPE)
     refused = jobs.submit_recommendation(payload(query="refused"), settings=settings, wait_for_broker=False)
-    assert refused.status == "queued" and jobs.get_job(refused.job_id, settings)["timings"]["sent_at"] is not None
+    assert refused.status == "queued"
+    assert relay.flush()
+    assert jobs.get_job(refused.job_id, settings)["timings"]["sent_at"] is None
+    assert f"job {refused.job_id} stays queued until the sweeper re-sends it" in caplog.text
     queue.delete("rerank")
     taken = jobs.submit_recommendation(payload(query="taken"), settings=settings, wait_for_broker=False)
-    assert jobs.get_job(refused.job_id, settings)["timings"]["sent_at"] is None
+    assert relay.flush()
     assert jobs.get_job(taken.job_id, settings)["timings"]["sent_at"] is not None
-    assert f"job {refused.job_id} stays queued until the sweeper re-sends it" in caplog.text
     assert [message["headers"]["id"] for message in rerank_list(settings)] == [str(taken.job_id)]
     assert jobs.requeue_stale(settings, older_than_seconds=0) >= 1
     assert str(refused.job_id) in [message["headers"]["id"] for message in rerank_list(settings)]
     broker.reset_clients()
+
+
+@pytest.mark.timeout(120)
+def test_a_submission_while_the_broker_is_down_is_left_to_the_sweeper_by_the_relay(loaded_db, flushed_broker, caplog):
+    from conftest import free_port
+
+    down = loaded_db.with_(broker_port=free_port())
+    outcome = jobs.submit_recommendation(payload(query="broker down"), settings=down, wait_for_broker=False)
+    assert outcome.status == "queued" and outcome.created
+    assert relay.flush()
+    assert jobs.get_job(outcome.job_id, loaded_db)["timings"]["sent_at"] is None
+    assert f"job {outcome.job_id} stays queued until the sweeper re-sends it" in caplog.text
+    assert jobs.requeue_stale(loaded_db, older_than_seconds=0) == 1
+    assert [message["headers"]["id"] for message in rerank_list(loaded_db)] == [str(outcome.job_id)]
+
+
+def test_a_process_that_ends_sends_what_it_handed_to_its_relay_first(flushed_broker):
+    job_id = str(uuid.uuid4())
+    program = ("import sys; from recsys.config import Settings; from recsys.jobs import relay; "
+               "relay.hand_over(sys.argv[1], Settings.from_env())")
+    env = {**os.environ, "CELERY_BROKER_URL": flushed_broker.celery_broker_url}
+    subprocess.run([sys.executable, "-c", program, job_id], env=env, check=True, timeout=120)
+    assert [message["headers"]["id"] for message in rerank_list(flushed_broker)] == [job_id]
 
 
 def test_the_cache_key_is_the_documented_hash_and_moves_with_what_changes_answers(loaded_db, flushed_broker):

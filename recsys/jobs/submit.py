@@ -16,6 +16,7 @@ import psycopg
 from sqlalchemy import Connection, text
 
 from recsys.config import Settings
+from recsys.jobs import relay
 from recsys.jobs.store import RECOMMENDATION, dumps, parse_job_id, quick_commit, readable
 from recsys.platform import broker
 from recsys.platform.db import get_engine, read_once, run_bare
@@ -96,12 +97,12 @@ def submit_job(
 
     Statements run in autocommit on an unpinged connection (`run_bare`): a recommendation is answered from
     the cache or queued in one statement, so a hit costs one round trip and a new job two (the statement and
-    its message). The insert commits with the server's synchronous_commit, so the job is on disk before its
-    message is sent.
+    its message), or one where the relay sends the message. The insert commits with the server's
+    synchronous_commit, so the job is on disk before its message is sent.
 
-    `wait_for_broker=False` (the API) returns once the message is written to the broker, without waiting
-    for the broker's reply, which the connection's next push reads (`broker.send_rerank`); a message the
-    broker turns out not to have taken is sent again, or left to the sweeper like a refused one.
+    `wait_for_broker=False` (the API) returns once the job row is committed and hands its message to the
+    process's relay (recsys.jobs.relay), which pushes it with the others of the next few milliseconds; a
+    message the broker does not take is left to the sweeper, as when the broker is down.
     """
     from recsys.jobs.kinds import job_kind
 
@@ -186,34 +187,35 @@ def send_job(
 ) -> bool:
     """Send the job's Celery message and record when; False (logged) when the broker did not take it.
 
-    `sent_at_recorded`: the caller already wrote sent_at with the job row (a submit saves a
-    transaction that way); it is cleared again if the broker refuses the message. `wait=False`: see
-    `broker.send_rerank`; a message found lost later is handled the same way then.
+    `sent_at_recorded`: the caller already wrote sent_at with the job row (a submit saves a transaction that
+    way); it is cleared again if the broker refuses the message (`relay.leave_to_sweeper`). `wait=False`: the
+    message is handed to this process's relay (recsys.jobs.relay), which pushes it with others a few
+    milliseconds later and treats a refusal the same way; for committed rows with sent_at recorded, no countdown.
     """
-
-    def refused(error: Exception) -> None:
-        log.warning("job %s stays queued until the sweeper re-sends it: %s", job_id, error)
-        if sent_at_recorded:
-            _set_sent_at(job_id, None, settings)
-
+    if not wait:
+        if countdown or not sent_at_recorded:
+            raise ValueError("only a job whose row records sent_at, without a countdown, can go through the relay")
+        relay.hand_over(job_id, settings)
+        return True
     try:
-        broker.send_rerank(str(job_id), settings, countdown=countdown, wait=wait, on_lost=refused)
+        broker.send_rerank(str(job_id), settings, countdown=countdown)
     except broker.BrokerUnavailable as exc:
-        refused(exc)
+        if sent_at_recorded:
+            relay.leave_to_sweeper([job_id], exc, settings)
+        else:
+            log.warning("job %s stays queued until the sweeper re-sends it: %s", job_id, exc)
         return False
     if not sent_at_recorded:
-        _set_sent_at(job_id, float(countdown or 0), settings)
+        _record_sent_at(job_id, float(countdown or 0), settings)
     return True
 
 
-def _set_sent_at(job_id, delay: float | None, settings: Settings) -> None:
-    """sent_at = now() + delay; a None delay clears it (make_interval is strict) for a message never taken, while the
-    job is still queued (a message found lost after the fact may belong to a job another message already ran)."""
-    statement = ("UPDATE jobs SET sent_at = now() + make_interval(secs => CAST(:delay AS float8)) WHERE id = :id"
-                 if delay is not None else "UPDATE jobs SET sent_at = NULL WHERE id = :id AND status = 'queued'")
+def _record_sent_at(job_id, delay: float, settings: Settings) -> None:
+    """sent_at = now() + delay: when the message was sent, or when its countdown ends."""
     try:
         with quick_commit(settings) as conn:
-            conn.execute(text(statement), {"id": job_id, "delay": delay})
+            conn.execute(text("UPDATE jobs SET sent_at = now() + make_interval(secs => CAST(:delay AS float8)) "
+                              "WHERE id = :id"), {"id": job_id, "delay": delay})
     except Exception as exc:
         log.warning("job %s: its sent_at was not recorded: %s", job_id, readable(exc))
 

@@ -10,8 +10,9 @@ sweeper sends it later.
 the request (kombu builds a Redis client per message). After a process's first message to a Redis
 broker, which goes through `send_task` and so declares the queue, it builds the same message with
 Celery's own code and pushes it on the queue's list as kombu would, on a connection kept per process.
-The API does not wait for that push's reply (`send_rerank(wait=False)`): the connection's next push reads
-it, and sends the message again if the connection was lost before it came.
+Several messages can go in one LPUSH (`send_reranks`: the API's relay, recsys.jobs.relay). A push need not wait
+for its reply (`wait=False`): the connection's next push, or `settle_pushes`, reads it, and sends the messages
+again if the connection was lost before it came.
 """
 
 from __future__ import annotations
@@ -93,25 +94,42 @@ def send_rerank(
     """Queue `recsys.rerank(job_id)` on the rerank queue; the Celery task id is the job id.
 
     `wait=False` writes the message to the broker without waiting for its reply, which is read when the
-    connection is next used for a push (`_settle`): a blocking round trip less for a caller that answers its
-    own client first (the API's submissions). A message whose reply then says it was not taken is sent
-    again; if that fails too, `on_lost(error)` is called, from whichever thread settles it. A process's first
-    message always waits (it goes through `send_task`, which declares the queue).
+    connection is next used for a push (`_settle`), or by `settle_pushes`: a blocking round trip less for
+    the caller. A message whose reply then says it was not taken is sent again; if that fails too,
+    `on_lost(error)` is called, from whichever thread settles it. A process's first message always waits (it
+    goes through `send_task`, which declares the queue).
     """
-    job_id = str(job_id)
+    send_reranks([job_id], settings, countdown=countdown, wait=wait, on_lost=on_lost)
+
+
+def send_reranks(
+    job_ids, settings: Settings, *, countdown: float | None = None, wait: bool = True,
+    on_lost: Callable[[Exception], None] | None = None,
+) -> None:
+    """`send_rerank` for several jobs in one LPUSH (their messages in the order given, each as `send_rerank` would
+    send it): one round trip for a batch. `on_lost` is called once for the whole push."""
+    ids = [str(job_id) for job_id in job_ids]
     url = settings.celery_broker_url
+    which = f"job {ids[0]}" if len(ids) == 1 else f"{len(ids)} jobs"
     try:
-        if (os.getpid(), url) in _declared:
+        if ids and (os.getpid(), url) not in _declared:
+            client(settings).send_task(RERANK_TASK, args=[ids[0]], queue=RERANK_QUEUE, task_id=ids[0],
+                                       countdown=countdown)
+            if url.startswith(REDIS_SCHEMES):
+                with _lock:
+                    _declared.add((os.getpid(), url))
+            else:
+                for job_id in ids[1:]:
+                    client(settings).send_task(RERANK_TASK, args=[job_id], queue=RERANK_QUEUE, task_id=job_id,
+                                               countdown=countdown)
+                return
+            ids = ids[1:]
+        if ids:
             app = client(settings)
-            _push(rerank_json(app, job_id) if not countdown else json_dumps(rerank_message(app, job_id, countdown)),
-                  settings, wait=wait, on_lost=on_lost)
-            return
-        client(settings).send_task(RERANK_TASK, args=[job_id], queue=RERANK_QUEUE, task_id=job_id, countdown=countdown)
+            _push([rerank_json(app, job_id) if not countdown else json_dumps(rerank_message(app, job_id, countdown))
+                   for job_id in ids], settings, wait=wait, on_lost=on_lost)
     except Exception as exc:
-        raise BrokerUnavailable(f"broker {url} did not take job {job_id}: {exc}") from exc
-    if url.startswith(REDIS_SCHEMES):
-        with _lock:
-            _declared.add((os.getpid(), url))
+        raise BrokerUnavailable(f"broker {url} did not take {which}: {exc}") from exc
 
 
 def rerank_message(app: Celery, job_id: str, countdown: float | None = None) -> dict:
@@ -190,19 +208,19 @@ def _origin() -> str:
 
 class _Pusher:
     """A publisher connection this process keeps checked out for pushes, with the one push on it whose reply is
-    still unread (sent with `wait=False`): its message and `on_lost`."""
+    still unread (sent with `wait=False`): its messages and `on_lost`."""
 
     __slots__ = ("connection", "unread")
 
     def __init__(self, connection):
         self.connection = connection
-        self.unread: tuple[str, Callable[[Exception], None] | None] | None = None
+        self.unread: tuple[list[str], Callable[[Exception], None] | None] | None = None
 
 
-def _push(message: str, settings: Settings, *, wait: bool = True,
+def _push(messages: list[str], settings: Settings, *, wait: bool = True,
           on_lost: Callable[[Exception], None] | None = None) -> None:
-    """LPUSH of a rerank message's JSON on the queue's list (priority 0 is the bare queue name), as kombu's Redis
-    transport does.
+    """LPUSH of rerank messages' JSON on the queue's list (priority 0 is the bare queue name), as kombu's Redis
+    transport does for each; several in one command land in the order given, oldest nearest the consuming end.
 
     Sent on a connection this process keeps checked out of the publisher's pool (`_idle_pushers`): redis-py's
     command layer (a check-out that polls the socket, the retry wrapper, the check-in) was 40 of a push's
@@ -217,13 +235,13 @@ def _push(message: str, settings: Settings, *, wait: bool = True,
         pusher = _Pusher(pool.get_connection())
     try:
         _settle(pusher)
-        _send(pusher.connection, message, wait=wait)
+        _send(pusher.connection, messages, wait=wait)
     except BaseException:
         pusher.connection.disconnect()
         pool.release(pusher.connection)
         raise
     if not wait:
-        pusher.unread = (message, on_lost)
+        pusher.unread = (messages, on_lost)
     if len(idle) < KEPT_PUSHERS:
         idle.append(pusher)
     else:
@@ -231,11 +249,11 @@ def _push(message: str, settings: Settings, *, wait: bool = True,
         pool.release(pusher.connection)
 
 
-def _send(connection, message: str, *, wait: bool) -> None:
+def _send(connection, messages: list[str], *, wait: bool) -> None:
     """Send one LPUSH, and read its reply when `wait`; a lost connection is retried as the publisher's policy says."""
     from redis.exceptions import ConnectionError, TimeoutError
 
-    packed = connection.pack_command("LPUSH", RERANK_QUEUE, message)
+    packed = connection.pack_command("LPUSH", RERANK_QUEUE, *messages)
     for failures in range(PUBLISH_RETRIES + 1):
         try:
             connection.send_packed_command(packed, check_health=False)  # reconnects when disconnected
@@ -258,15 +276,15 @@ def _settle(pusher: _Pusher) -> None:
     connection = pusher.connection
     unread, pusher.unread = pusher.unread, None
     if unread is not None:
-        message, on_lost = unread
+        messages, on_lost = unread
         try:
             connection.read_response()
-        except ResponseError as exc:  # the broker refused this message: sending it again would be refused too
+        except ResponseError as exc:  # the broker refused these messages: sending them again would be refused too
             _lost(on_lost, exc)
         except RedisError:  # the connection was lost (or garbled) before the reply came
             connection.disconnect()
             try:
-                _send(connection, message, wait=True)  # it may have been taken before the loss: a duplicate is harmless
+                _send(connection, messages, wait=True)  # perhaps taken before the loss: duplicates are harmless
             except RedisError as exc:
                 _lost(on_lost, exc)
     try:
@@ -276,13 +294,29 @@ def _settle(pusher: _Pusher) -> None:
         connection.disconnect()  # closed by the broker; the next send reconnects
 
 
+def settle_pushes(settings: Settings) -> None:
+    """Read the unread replies of this process's idle pushers for the settings' broker (`_settle`): for a sender
+    that pushed with `wait=False` and has nothing more to send, so a refused or lost push is noticed now."""
+    idle = _idle_pushers.get((os.getpid(), settings.celery_broker_url), [])
+    for _ in range(len(idle)):
+        try:
+            pusher = idle.pop()
+        except IndexError:
+            return
+        try:
+            if pusher.unread is not None:
+                _settle(pusher)
+        finally:
+            idle.insert(0, pusher)
+
+
 def _lost(on_lost: Callable[[Exception], None] | None, error: Exception) -> None:
-    log.warning("a rerank message the broker did not take: %s", error)
+    log.warning("rerank messages the broker did not take: %s", error)
     if on_lost is not None:
         try:
             on_lost(error)
         except Exception:
-            log.exception("handling a rerank message the broker did not take failed")
+            log.exception("handling rerank messages the broker did not take failed")
 
 
 # How far from the consuming end `withdraw_reranks` looks, per job: a batch answers the oldest queued jobs, whose
