@@ -1,6 +1,6 @@
 """HTTP API throughput and latency under gunicorn on loopback against a bare Flask ceiling, measured with wrk.
 
-    python bench/api.py [--duration 10] [--rounds 2] [--connections 8] [--workers N] [--threads 4]
+    python bench/api.py [--duration 10] [--rounds 2] [--connections 8] [--workers N] [--threads 4] [--skip-broker-down]
 
 Scenarios: a GET of a finished job, a POST /recommendations answered from the result cache (200),
 and submissions that miss the cache (each inserts a job and sends a Celery message: 202); health is
@@ -9,6 +9,9 @@ the same gunicorn command line answering with the same JSON body, alternating ov
 the ratio holds on a shared, loaded machine. Before the rounds both servers get 2 s of cached POSTs and 2 s
 of submissions, so no round pays a process's first answers. Goals (issue 16): cached read ≥ 50% of the baseline's
 req/s, cached POST ≥ 35%, submission ≥ 25%, each p99 ≤ 3× the baseline's.
+Last, `submit_post_broker_down`: the same submissions to a second recsys server whose broker is down (nothing
+listens on its port), against the baseline's submission rate of the rounds: a submission commits its job
+and answers while its message waits for the sweeper; the JSON counts the jobs left to it.
 It uses its own database (`recsys_bench_api`, loaded with the bundled file on first use) and its
 own Valkey on a free port, so it never floods the shared broker; no worker runs, so submitted
 jobs just queue and are deleted at the end. Prints JSON with the machine and load averages.
@@ -74,6 +77,28 @@ def start_broker(home: Path) -> Settings:
     broker = Settings(home=home, broker_port=free_port())
     embedded.start_broker(broker)
     return broker
+
+
+def submissions_with_broker_down(settings: Settings, env: dict, args, key: str) -> dict:
+    """Submissions/s and latency of a recsys server whose broker is down, and how many of its jobs were left to the
+    sweeper (sent_at cleared) once it stopped."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    down = settings.with_(broker_url=dead, web_port=free_port())
+    server = start_server(gunicorn_argv(down, args.workers, args.threads), env | {"CELERY_BROKER_URL": dead})
+    base = f"http://127.0.0.1:{down.web_port}"
+    clear_jobs(settings)
+    try:
+        wait_for(f"{base}/api/v1/openapi.json")
+        url = f"{base}/api/v1/recommendations"
+        result = run_wrk(url, key, args, script=SUBMIT_LUA, server_pid=server.pid,
+                         extra_lua=f'RUN = "{uuid.uuid4().hex[:8]}"\nPATH = "{urlparse(url).path}"\n')
+    finally:
+        stop_server(server)
+    with get_engine(settings).connect() as conn:
+        counts = conn.execute(text("SELECT count(*), count(*) FILTER (WHERE sent_at IS NULL) FROM jobs "
+                                   "WHERE status = 'queued'")).one()
+    result["jobs_created"], result["jobs_left_to_sweeper"] = counts
+    return result
 
 
 def wait_for(url: str, timeout: float = 60.0) -> None:
@@ -241,6 +266,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="gunicorn worker processes (default: what `recsys serve` uses)")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="threads per gunicorn worker")
+    parser.add_argument("--skip-broker-down", action="store_true", help="leave out submissions with the broker down")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench/api.py needs wrk (apt-get install wrk)")
@@ -318,6 +344,7 @@ def main() -> None:
                     entry[side].append(run_wrk(url, key, args, server_pid=pid, backends=side == "system", **call))
         with get_engine(settings).connect() as conn:
             jobs_created = conn.execute(text("SELECT count(*) FROM jobs WHERE status = 'queued'")).scalar_one()
+        broker_down = None if args.skip_broker_down else submissions_with_broker_down(settings, env, args, key)
     finally:
         load_after = load_average()
         stop_server(server)
@@ -334,6 +361,12 @@ def main() -> None:
 
     results = {name: summarize(entry["system"], entry["baseline"], GOALS.get(name)) for name, entry in runs.items()}
     results["submit_post"]["jobs_created"] = jobs_created
+    if broker_down is not None:
+        baseline = results["submit_post"]["baseline_requests_per_second"]
+        results["submit_post_broker_down"] = {
+            "requests_per_second": broker_down["requests_per_second"], "p99_ms": broker_down["p99_ms"],
+            "baseline_requests_per_second": baseline,
+            "share_of_baseline": ratio(broker_down["requests_per_second"], baseline), "run": broker_down}
     for name, response in responses.items():
         results[name]["body_bytes"] = response["bytes"]
         results[name]["status"] = response["status"]
