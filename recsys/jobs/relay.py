@@ -2,8 +2,8 @@
 
 A submission commits its job row (durably, with `sent_at`) and hands the job id to this relay instead of
 pushing the message itself, so the request answers without touching the broker, and one LPUSH carries every
-message handed over in the last few milliseconds (`LINGER_SECONDS`): at 2,000 submissions/s about 20.
-The push does not wait for the broker's reply either; the next push or a moment of quiet reads it
+message handed over in the last few milliseconds (`LINGER_SECONDS`): about 20 at 2,000 submissions/s into one
+process, 2 at 450/s. The push does not wait for the broker's reply either; the next push or a moment of quiet reads it
 (`broker.send_reranks`, `broker.settle_pushes`). Messages the broker did not take clear their jobs' `sent_at`
 and are left to the sweeper, as a refused push on the request thread always was; a process that ends
 flushes its relay first (atexit), and one killed before its relay ran leaves committed rows with `sent_at`
