@@ -1,6 +1,7 @@
 """The API's busiest paths (issue 16) against the real Postgres and Valkey: the cache key computed in SQL, hits
-counted in the process, stored JSON passed through, bare driver statements, and the rerank message pushed
-without Celery's publishing machinery, which must be the very message Celery sends."""
+counted in the process, stored JSON passed through, bare driver statements, the rerank message pushed
+without Celery's publishing machinery, which must be the very message Celery sends, and the relay that pushes
+the API's messages (nothing accepted lost, whatever the broker does or when the server stops)."""
 
 from __future__ import annotations
 
@@ -382,3 +383,44 @@ def test_frozen_objects_are_left_out_of_full_collections():
         assert gc.get_freeze_count() >= before + len(held)
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.timeout(180)
+def test_a_server_stopped_right_after_its_answers_has_sent_every_message(loaded_db, flushed_broker, tmp_path):
+    """SIGTERM to `recsys serve`'s gunicorn right after the last 202: each worker flushes its relay as it exits."""
+    import signal
+
+    import requests
+    from conftest import free_port, worker_env
+
+    from recsys.cli.web import gunicorn_argv
+    from recsys.platform.auth import create_api_key
+
+    key = create_api_key(f"relay-at-exit-{uuid.uuid4().hex[:8]}", loaded_db)
+    port = free_port()
+    with open(tmp_path / "gunicorn.log", "ab") as log:
+        server = subprocess.Popen(gunicorn_argv(loaded_db.with_(web_port=port), workers=2, threads=4),
+                                  env=worker_env(loaded_db), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    base = f"http://127.0.0.1:{port}/api/v1"
+    headers = {"Authorization": f"Bearer {key}"}
+
+    def answers() -> bool:
+        try:
+            return requests.get(f"{base}/health", timeout=2).status_code in (200, 503)
+        except requests.RequestException:
+            return server.poll() is not None
+
+    try:
+        wait_until(answers, timeout=90, what="gunicorn to answer")
+        assert server.poll() is None, (tmp_path / "gunicorn.log").read_text()[-3000:]
+        with requests.Session() as session:
+            accepted = [session.post(f"{base}/recommendations", json=payload(query=f"at exit {i}"), headers=headers,
+                                     timeout=30).json()["job_id"] for i in range(40)]
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)
+    assert sorted(message["headers"]["id"] for message in rerank_list(loaded_db)) == sorted(accepted)
