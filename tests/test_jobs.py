@@ -325,6 +325,51 @@ def test_no_warming_while_another_worker_ranks(loaded_db, flushed_broker, empty_
     assert "doormat" not in _cached_queries(settings)
 
 
+def test_no_warming_while_another_worker_finished_jobs_moments_ago(loaded_db, flushed_broker, empty_query_cache):
+    settings = loaded_db.with_(batch_size=2)
+    elsewhere = jobs.submit_recommendation(payload(query="clock"), settings=settings).job_id
+    with get_engine(settings).begin() as conn:
+        conn.execute(text("UPDATE jobs SET status = 'succeeded', worker = 'elsewhere:42', finished_at = now() "
+                          "WHERE id = :id"), {"id": elsewhere})
+    first = [jobs.submit_recommendation(p, settings=settings).job_id for p in [payload(), OTHER_REQUESTS[0]]]
+    jobs.submit_recommendation(payload(customer_id=12583, query="doormat"), settings=settings)
+
+    outcome = _after_warming(jobs.run_job(first[0], worker=WORKER, settings=settings))
+
+    assert outcome.ran and len(outcome.others) == 1
+    assert "doormat" not in _cached_queries(settings)
+
+
+def test_choosing_what_to_warm_reads_indexes_not_every_finished_job_kept(loaded_db):
+    """The warm-up's statement runs after every full batch; a jobs table keeps every finished job until
+    `recsys jobs cleanup`, so a plan that reads the whole table grows with the history."""
+    from recsys.jobs import runner
+
+    with get_engine(loaded_db).begin() as conn:
+        conn.execute(text(
+            """
+            INSERT INTO jobs (id, kind, status, request, worker, created_at, finished_at)
+            SELECT gen_random_uuid(), 'recommendation', 'succeeded', '{}', 'elsewhere:' || (g % 4),
+                   now() - interval '30 days' + make_interval(secs => g),
+                   now() - interval '30 days' + make_interval(secs => g + 1)
+            FROM generate_series(1, 100000) g
+            """
+        ))
+        conn.execute(text(  # a busy lone worker: its own jobs of the last seconds
+            """
+            INSERT INTO jobs (id, kind, status, request, worker, created_at, finished_at)
+            SELECT gen_random_uuid(), 'recommendation', 'succeeded', '{}', :me, now() - interval '20 seconds',
+                   now() - make_interval(secs => g % 8)
+            FROM generate_series(1, 3000) g
+            """
+        ), {"me": WORKER})
+        conn.execute(text("ANALYZE jobs"))
+        plan = "\n".join(conn.execute(
+            text("EXPLAIN " + runner._UPCOMING.text), {"kind": "recommendation", "n": 32, "me": WORKER}
+        ).scalars())
+    assert "Seq Scan on jobs" not in plan, plan
+
+
 def test_jobs_whose_worker_was_lost_on_every_attempt_fail(loaded_db, flushed_broker):
     job_id = jobs.submit_recommendation(payload(), settings=loaded_db).job_id
     _pretend_running(loaded_db, job_id, "elsewhere:42", lease_seconds=-1, attempts=loaded_db.job_max_attempts)
