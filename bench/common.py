@@ -72,7 +72,44 @@ def loaded_database(settings: Settings, name: str) -> Settings:
     return bench
 
 
-def clear_jobs(settings: Settings) -> None:
+KEPT_JOBS_WORKER = "bench-kept"
+
+
+def clear_jobs(settings: Settings, *, keep_old: bool = False) -> None:
+    """Delete the jobs and cached answers; `keep_old` keeps the finished jobs `keep_old_jobs` inserted."""
     with get_engine(settings).begin() as conn:
-        conn.execute(text("DELETE FROM jobs"))
+        if keep_old:
+            conn.execute(text("DELETE FROM jobs WHERE worker IS DISTINCT FROM :kept"), {"kept": KEPT_JOBS_WORKER})
+        else:
+            conn.execute(text("DELETE FROM jobs"))
         conn.execute(text("DELETE FROM result_cache"))
+    if keep_old:
+        with get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("VACUUM (ANALYZE) jobs"))
+
+
+def keep_old_jobs(settings: Settings, count: int) -> None:
+    """`count` jobs finished 30 days ago and more, as a deployment keeps them until `recsys jobs cleanup`.
+
+    Their results are left out (a real one is ~6 KB of JSON: a million would be gigabytes); what the job
+    statements' plans see is the number of rows and the finished_at index.
+    """
+    clear_jobs(settings)
+    if count <= 0:
+        return
+    with get_engine(settings).begin() as conn:
+        conn.execute(
+            text(
+                """
+                INSERT INTO jobs (id, kind, status, request, attempts, worker, created_at, started_at,
+                                  finished_at, updated_at)
+                SELECT gen_random_uuid(), 'recommendation', 'succeeded',
+                       jsonb_build_object('customer_id', 12347, 'query', 'kept ' || g, 'k', 10), 1, :kept,
+                       at, at, at + interval '3 seconds', at + interval '3 seconds'
+                FROM generate_series(1, :count) AS g
+                CROSS JOIN LATERAL (SELECT now() - interval '60 days' + make_interval(secs => g) AS at) t
+                """
+            ),
+            {"count": count, "kept": KEPT_JOBS_WORKER},
+        )
+    clear_jobs(settings, keep_old=True)

@@ -1,7 +1,7 @@
 """End-to-end job throughput: submit → real Celery worker → succeeded, against a no-op Celery task. Prints JSON.
 
-    python bench/jobs.py [--retrieval-jobs 1000] [--concurrency 1,2] [--rounds 1] [--llm-jobs 100]
-                         [--llm-ranker llm-verbalizer] [--llm-batch-sizes 1,8] [--skip-llm]
+    python bench/jobs.py [--retrieval-jobs 1000] [--concurrency 1,2] [--rounds 1] [--kept-jobs 0]
+                         [--llm-jobs 100] [--llm-ranker llm-verbalizer] [--llm-batch-sizes 1,8] [--skip-llm]
 
 Ceiling: bench/noop_worker.py, a task that does nothing, on the same broker with the same worker
 settings (prefork, acks late, reject on a lost worker, prefetch 1), sent from as many threads and
@@ -17,7 +17,10 @@ once per batch size. Every request is distinct (customer, query), so nothing is 
 cache. For each: jobs/s from the first submit to the last finished job, submit→succeeded p50/p95 from
 the jobs table, and how many jobs were lost (not succeeded when all should be: must be 0). It uses
 its own database (`recsys_bench_jobs`, loaded with the bundled file on first use) and its own Valkey
-on a free port. Load averages are reported because the cores are shared.
+on a free port. Load averages are reported because the cores are shared. `--kept-jobs N` first fills
+the jobs table with N jobs finished weeks ago (without results), as a deployment keeps them until
+`recsys jobs cleanup`, and keeps them through the rounds: the job statements then run against a table
+of that size, as they do in production.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common import clear_jobs, free_port, load_average, loaded_database, machine, ratio
+from common import clear_jobs, free_port, keep_old_jobs, load_average, loaded_database, machine, ratio
 from sqlalchemy import text
 from support import workers
 
@@ -164,7 +167,7 @@ def run_noop(settings: Settings, count: int, concurrency: int, args, log_dir: Pa
 
 def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str, str], args, log_dir: Path,
                  concurrency: int = 1) -> dict:
-    clear_jobs(settings)
+    clear_jobs(settings, keep_old=args.kept_jobs > 0)
     import redis
 
     redis.Redis.from_url(settings.celery_broker_url).flushall()
@@ -173,6 +176,8 @@ def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str,
     try:
         worker.wait_ready()
         load_before = os.getloadavg()[0]
+        with get_engine(settings).connect() as conn:
+            since = conn.execute(text("SELECT now()")).scalar_one()
         started = time.perf_counter()
         with ThreadPoolExecutor(args.submit_threads) as pool:
             outcomes = list(pool.map(lambda r: jobs.submit_recommendation(r, settings=settings), requests))
@@ -193,13 +198,13 @@ def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str,
                        percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
                            AS p95,
                        avg((result->>'batch_size')::int) AS mean_batch
-                FROM jobs
+                FROM jobs WHERE created_at >= :since
                 """
-            )).one()
+            ), {"since": since}).one()
             stages = conn.execute(text(
                 "SELECT t.key, avg(t.value::float8) FROM jobs, jsonb_each_text(result->'timings_ms') AS t "
-                "WHERE status = 'succeeded' GROUP BY t.key ORDER BY t.key"
-            )).all()
+                "WHERE status = 'succeeded' AND created_at >= :since GROUP BY t.key ORDER BY t.key"
+            ), {"since": since}).all()
         load_after = os.getloadavg()[0]
     finally:
         worker.stop()
@@ -240,6 +245,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for one scenario")
     parser.add_argument("--pool", default="prefork", choices=["prefork", "solo"])
     parser.add_argument("--concurrency", default="1,2", help="worker processes (prefork children), comma-separated")
+    parser.add_argument("--kept-jobs", type=int, default=0,
+                        help="finished jobs kept in the table from before (a deployment's history), inserted once")
     parser.add_argument("--rounds", type=int, default=1,
                         help="no-op then retrieval runs per worker size; rates are the rounds' medians")
     args = parser.parse_args()
@@ -256,8 +263,10 @@ def main() -> None:
         "worker": f"celery {args.pool}, acks late, prefetch 1, processes {sizes}",
         "baseline": "bench/noop_worker.py: a task that does nothing, same broker and worker settings",
         "submit_threads": args.submit_threads,
+        "kept_jobs": args.kept_jobs,
     }
     try:
+        keep_old_jobs(settings, args.kept_jobs)
         batch = args.retrieval_batch_size or settings.batch_size
         requests = workload(settings, args.retrieval_jobs, "retrieval", 1)
         for size in sizes:
