@@ -11,13 +11,17 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
+from sqlalchemy import text
 
 from recsys.catalog.embedding import embed_products, encode_queries
 from recsys.catalog.ingest import ingest_file
+from recsys.platform.db import get_engine
 from recsys.recommend.candidates import (
     CandidateRequest,
     candidates_batch,
+    copurchase_neighbours,
     forget_statistics,
+    read_all_copurchase_neighbours,
     recent_purchases,
 )
 from recsys.recommend.pipeline import recommend
@@ -96,6 +100,18 @@ def test_copurchase_neighbours_of_the_recent_purchases(shop):
     assert ranked(found, "copurchase")[:3] == [HANGING_LANTERN, POLKADOT_BAG, CLOCK]
     hanging = next(c for c in found.candidates if c.stock_code == HANGING_LANTERN)
     assert hanging.evidence["copurchase_sum"] == 3 and hanging.evidence["copurchase_with"] == LANTERN
+
+
+def test_partners_read_all_at_once_are_those_read_as_batches_need_them(shop):
+    by_batches = one(shop)
+    forget_statistics()
+    preloaded = read_all_copurchase_neighbours(shop)
+
+    with get_engine(shop).connect() as conn:
+        codes = conn.execute(text("SELECT stock_code FROM products")).scalars().all()
+    assert set(preloaded.partners) == set(codes)
+    assert copurchase_neighbours(shop, codes) is preloaded  # nothing left to read
+    assert one(shop) == by_batches
 
 
 def test_popular_and_cold_start(shop):

@@ -449,12 +449,12 @@ def processed_jobs() -> int:
 
 
 def prepare_worker(settings: Settings) -> None:
-    """Load what jobs need once per worker process: the embedding model, the default ranker's LLM, and the
+    """Load what jobs need once per worker process: the embedding model, the default ranker's LLM, the
     best sellers every batch reads (one aggregate over all purchases, ~1 s on the bundled data, which the
-    first batch would otherwise pay)."""
+    first batch would otherwise pay) and every product's co-purchase partners (one statement, ~0.5 s)."""
     from recsys.catalog.embedding import encode
     from recsys.rankers import is_llm_ranker
-    from recsys.recommend.candidates import best_sellers
+    from recsys.recommend.candidates import best_sellers, read_all_copurchase_neighbours
     from recsys.recommend.pipeline import ranker_for
 
     try:
@@ -465,5 +465,7 @@ def prepare_worker(settings: Settings) -> None:
         log.error("worker could not load its models (jobs that need them will fail): %s", readable(exc))
     try:
         best_sellers(settings)
+        read_all_copurchase_neighbours(settings)
     except Exception as exc:  # an empty or unmigrated database: the first batch reads them, or says what is wrong
-        log.warning("worker could not read the best sellers ahead of its first job: %s", readable(exc))
+        log.warning("worker could not read the best sellers and co-purchase partners ahead of its first job: %s",
+                    readable(exc))
