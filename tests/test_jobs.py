@@ -276,6 +276,34 @@ def test_a_message_whose_job_another_worker_holds_ranks_the_queued_jobs_meanwhil
     assert jobs.run_job(held, worker=WORKER, settings=loaded_db).others == []  # nothing queued: nothing done
 
 
+def test_a_message_whose_job_was_finished_elsewhere_while_its_process_ranked_a_batch_is_done(
+        loaded_db, flushed_broker, monkeypatch):
+    """No retry (a new message to send, receive and acknowledge) when the other worker finished the job meanwhile."""
+    from recsys.jobs import runner
+
+    held = jobs.submit_recommendation(payload(), settings=loaded_db).job_id
+    queued = [jobs.submit_recommendation(p, settings=loaded_db).job_id for p in OTHER_REQUESTS]
+    holder = f"{socket.gethostname()}:{os.getppid()}"
+    _pretend_running(loaded_db, held, holder, lease_seconds=60)
+    answer = {"items": [{"rank": 1, "stock_code": "22728"}], "ranker": "elsewhere"}
+    ranking_a_batch = runner._run_queued
+
+    def the_holder_finishes_meanwhile(*args, **kwargs):
+        others = ranking_a_batch(*args, **kwargs)
+        with get_engine(loaded_db).begin() as conn:
+            conn.execute(text("UPDATE jobs SET status = 'succeeded', result = CAST(:r AS jsonb), finished_at = now() "
+                              "WHERE id = :id AND worker = :w"), {"r": json.dumps(answer), "id": held, "w": holder})
+        return others
+
+    monkeypatch.setattr(runner, "_run_queued", the_holder_finishes_meanwhile)
+    outcome = jobs.run_job(held, worker=WORKER, settings=loaded_db)
+
+    assert not outcome.ran and outcome.retry_in is None
+    assert outcome.status == "succeeded" and outcome.result == answer
+    assert sorted(o["job_id"] for o in outcome.others) == sorted(str(j) for j in queued)
+    assert jobs.get_job(held, loaded_db)["worker"] == holder
+
+
 def _cached_queries(settings) -> set[str]:
     from recsys.catalog import embedding
 

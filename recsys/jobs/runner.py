@@ -174,12 +174,26 @@ def run_job(job_id, settings: Settings, *, worker: str) -> RunOutcome:
                 busy = RunOutcome(str(parsed), row.status, retry_in=busy_retry_seconds(left))
     if not own:
         busy.others = _run_queued(params, kind, worker, settings)
+        if busy.others:
+            return _finished_meanwhile(parsed, settings, busy)
         return busy
     outcomes = _rank(own, params, kind, worker, settings)
     mine = outcomes.pop(own[0].id)
     mine.ran = True
     mine.others = _settle_others(outcomes.values(), settings)
     return mine
+
+
+def _finished_meanwhile(job_id: uuid.UUID, settings: Settings, busy: RunOutcome) -> RunOutcome:
+    """`busy`, unless the worker that held the job finished it while this process ranked a batch: then its
+    final outcome, so the message is done instead of retried (a Celery retry is a new message, sent and
+    later received and acknowledged again; with several worker processes nearly every batch ended in one).
+    """
+    with get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        row = conn.execute(text("SELECT status, result, error FROM jobs WHERE id = :id"), {"id": job_id}).one_or_none()
+    if row is None or row.status not in FINISHED_STATUSES:
+        return busy
+    return RunOutcome(str(job_id), row.status, result=row.result, error=row.error, others=busy.others)
 
 
 def _run_queued(params: dict, kind: JobKind, worker: str, settings: Settings) -> list[dict]:
