@@ -89,7 +89,8 @@ def clear_jobs(settings: Settings, *, keep_old: bool = False) -> None:
 
 
 def keep_old_jobs(settings: Settings, count: int) -> None:
-    """`count` jobs finished 30 days ago and more, as a deployment keeps them until `recsys jobs cleanup`.
+    """`count` jobs finished weeks ago (60 days back, one a second), as a deployment keeps them until
+    `recsys jobs cleanup`.
 
     Their results are left out (a real one is ~6 KB of JSON: a million would be gigabytes); what the job
     statements' plans see is the number of rows and the finished_at index.

@@ -135,6 +135,9 @@ def _claim(conn: Connection, sql: str, params: dict) -> list[_Claimed]:
     return [_Claimed(row.id, row.request, row.cache_key, row.attempts, row.error) for row in rows]
 
 
+_JOB_STATE = text("SELECT kind, status, result, error FROM jobs WHERE id = :id")
+
+
 def run_job(job_id, settings: Settings, *, worker: str) -> RunOutcome:
     """Handle one job's message: claim it, drain more queued jobs into a batch, rank them together, record.
 
@@ -146,8 +149,7 @@ def run_job(job_id, settings: Settings, *, worker: str) -> RunOutcome:
     if parsed is None:
         return RunOutcome(str(job_id), "missing", error=f"{job_id!r} is not a job id")
     with get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        known = conn.execute(text("SELECT kind, status, result, error FROM jobs WHERE id = :id"),
-                             {"id": parsed}).one_or_none()
+        known = conn.execute(_JOB_STATE, {"id": parsed}).one_or_none()
     if known is None:
         return RunOutcome(str(parsed), "missing", error="no such job")
     if known.status in FINISHED_STATUSES:
@@ -190,7 +192,7 @@ def _finished_meanwhile(job_id: uuid.UUID, settings: Settings, busy: RunOutcome)
     later received and acknowledged again; with several worker processes nearly every batch ended in one).
     """
     with get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        row = conn.execute(text("SELECT status, result, error FROM jobs WHERE id = :id"), {"id": job_id}).one_or_none()
+        row = conn.execute(_JOB_STATE, {"id": job_id}).one_or_none()
     if row is None or row.status not in FINISHED_STATUSES:
         return busy
     return RunOutcome(str(job_id), row.status, result=row.result, error=row.error, others=busy.others)
