@@ -339,6 +339,23 @@ def test_a_lone_worker_warms_the_next_batch_queries_after_its_batch(loaded_db, f
     assert all(jobs.get_job(u.job_id, settings)["status"] == "queued" for u in upcoming)  # warmed, not claimed
 
 
+def test_a_lone_worker_prepares_the_next_batch_while_it_records_its_own(loaded_db, flushed_broker, monkeypatch):
+    from recsys.recommend import pipeline
+
+    settings = loaded_db.with_(batch_size=2)
+    first = [jobs.submit_recommendation(p, settings=settings).job_id for p in [payload(), OTHER_REQUESTS[0]]]
+    upcoming = [jobs.submit_recommendation(p, settings=settings).job_id for p in OTHER_REQUESTS[1:3]]
+    _after_warming(jobs.run_job(first[0], worker=WORKER, settings=settings))
+    prepared_in_batch = []
+    prepare = pipeline._prepare
+    monkeypatch.setattr(pipeline, "_prepare", lambda *args: prepared_in_batch.append(args) or prepare(*args))
+
+    outcome = jobs.run_job(upcoming[0], worker=WORKER, settings=settings)
+
+    assert outcome.ran and outcome.status == "succeeded" and [o["job_id"] for o in outcome.others] == [str(upcoming[1])]
+    assert prepared_in_batch == []
+
+
 def test_no_warming_while_another_worker_ranks(loaded_db, flushed_broker, empty_query_cache):
     """Another worker would as likely claim the next batch: encoding it here could be wasted."""
     settings = loaded_db.with_(batch_size=2)

@@ -6,11 +6,14 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import text
 
 from recsys.catalog.history import history
 from recsys.cli import cli
+from recsys.platform.db import get_engine
 from recsys.rankers import LLM_RANKER_NAMES, get_ranker
-from recsys.recommend.pipeline import PARALLEL_FROM, recommend, recommend_batch
+from recsys.recommend import pipeline
+from recsys.recommend.pipeline import PARALLEL_FROM, prepare_ahead, recommend, recommend_batch
 from recsys.recommend.request import RecommendationRequest, RequestError
 
 
@@ -102,6 +105,61 @@ def test_a_request_gets_the_same_answer_in_a_pipelined_batch_as_alone(loaded_db)
     alone = [answer(recommend(r, loaded_db)) for r in requests]
     assert together == alone
     assert all(r["items"] for r in together)
+
+
+def _answer(result: dict) -> dict:
+    return {key: value for key, value in result.items() if key not in ("timings_ms", "batch_size")}
+
+
+@pytest.fixture
+def fresh_preparations(monkeypatch) -> list[int]:
+    """The sizes of the batches whose stages 1-2 ran from here on (not taken from `prepare_ahead`)."""
+    sizes: list[int] = []
+    run = pipeline._prepare
+
+    def counted(requests, settings, rank_all):
+        sizes.append(len(requests))
+        return run(requests, settings, rank_all)
+
+    monkeypatch.setattr(pipeline, "_prepare", counted)
+    return sizes
+
+
+def test_the_next_batch_takes_the_stages_prepared_ahead_and_answers_the_same(loaded_db, fresh_preparations):
+    requests = [RecommendationRequest(customer, query, 5, "retrieval")
+                for customer in (15781, 17850, 12583, 13047) for query in ("lantern", None)]
+    fresh = [_answer(r) for r in recommend_batch(requests, loaded_db)]
+    assert fresh_preparations == [len(requests)]
+
+    prepare_ahead(requests[2:], loaded_db)
+    ahead = [_answer(r) for r in recommend_batch(requests, loaded_db)]
+    assert ahead == fresh
+    assert fresh_preparations == [len(requests), len(requests) - 2, 2]  # ahead; then the batch's two others
+
+    recommend_batch(requests[2:3], loaded_db)  # taken once: the batch after prepares its own
+    assert fresh_preparations[-1] == 1
+
+
+def test_stages_prepared_before_a_purchase_are_not_used(loaded_db, fresh_preparations):
+    request = RecommendationRequest(15781, None, 5, "retrieval")
+    prepare_ahead([request], loaded_db)
+    with get_engine(loaded_db).begin() as conn:
+        conn.execute(text(
+            "INSERT INTO purchases (row_hash, invoice_no, stock_code, customer_id, description, quantity, "
+            "unit_price, invoiced_at, country) VALUES ('\\x02', '999998', '90001B', 15781, "
+            "'COPPER AND BRASS BAG CHARM', 1, 2.10, '2012-06-01', 'United Kingdom')"
+        ))
+
+    [result] = recommend_batch([request], loaded_db)
+
+    assert fresh_preparations == [1, 1]
+    assert result["history"][0]["stock_code"] == "90001B"
+
+
+def test_a_worker_warm_up_runs_a_full_split_batch_of_the_first_stages(loaded_db, fresh_preparations):
+    """Customers who bought last, product descriptions as queries: both halves of a split batch run."""
+    pipeline.warm_up(loaded_db)
+    assert fresh_preparations == [pipeline.WARM_UP_REQUESTS] and pipeline.WARM_UP_REQUESTS >= PARALLEL_FROM
 
 
 @pytest.mark.parametrize("name", LLM_RANKER_NAMES)

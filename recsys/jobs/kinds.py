@@ -26,7 +26,7 @@ class JobKind:
     cache_key: Callable[[Connection, object, Settings], str]
     run_batch: Callable[[Sequence[object], Settings], list[dict]]
     warm: Callable[[Sequence[object], Settings], None] | None = None
-    """Work for requests about to be run that their batch can then skip (query vectors); results unchanged."""
+    """Work for requests about to be run that their batch can then skip (their candidates); results unchanged."""
 
 
 def _parse_recommendation(data: dict):
@@ -48,9 +48,9 @@ def _recommend(requests: Sequence, settings: Settings) -> list[dict]:
 
 
 def _warm_recommendations(requests: Sequence, settings: Settings) -> None:
-    from recsys.recommend.pipeline import warm_queries
+    from recsys.recommend.pipeline import prepare_ahead
 
-    warm_queries(requests, settings)
+    prepare_ahead(requests, settings)
 
 
 def _parse_discover(data: dict):

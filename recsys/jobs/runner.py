@@ -215,32 +215,32 @@ def _run_queued(params: dict, kind: JobKind, worker: str, settings: Settings) ->
 
 
 def _rank(batch: list[_Claimed], params: dict, kind: JobKind, worker: str, settings: Settings):
-    """Fill the claimed batch from the queue, rank it and record each job's outcome (by job id); after a
-    full batch, start warming the next queued jobs."""
+    """Fill the claimed batch from the queue, rank it and record each job's outcome (by job id)."""
     _track([c.id for c in batch], True)
     try:
         _drain(batch, params, settings)
         return _process(batch, kind, worker, settings)
     finally:
         _track([c.id for c in batch], False)
-        if len(batch) >= settings.batch_size > 1:  # a full batch: more are likely queued
-            _warm_next(kind, worker, settings)
 
 
 _warming = threading.Lock()
 
 
 def _warm_next(kind: JobKind, worker: str, settings: Settings) -> None:
-    """In a thread, do the `warm` step of the next batch_size queued jobs of this kind (their query vectors).
+    """In a thread, do the `warm` step of the next batch_size queued jobs of this kind (a recommendation's
+    histories, query vectors and candidates: `pipeline.prepare_ahead`), started once a full batch is ranked.
 
-    After a batch the process records it, stores the answers in the result backend, takes the answered jobs'
-    messages off the queue and waits for its next message, then claims and reads histories: the next batch's
-    encoding runs alongside (one worker process, alternating 1,000-job runs: 153.8 jobs/s median of three
-    with it, 134.2 without; started instead as soon as a batch is claimed, alongside its statements: 154.9;
-    before messages were taken off the queue: 6.0-7.9 s per 1,000 jobs instead of 8.6-9.4). Only while no
-    other worker has ranked jobs for `WARM_ALONE_SECONDS`: it
-    may claim the next batch first, and the CPU spent warming it here is lost (two worker processes on two
-    cores, warming whenever the other was between batches: 4-11% slower). One warm-up at a time per process.
+    The process then records its batch, stores the answers in the result backend, takes the answered jobs'
+    messages off the queue, waits for its next message and claims: mostly Python and waiting on the broker,
+    while the next batch's encoding and statements run alongside. Started after recording and only encoding
+    queries, one worker process ranked 153.8 jobs/s (median of three alternating 1,000-job runs) instead of
+    134.2. Preparing stages 1-2 whole, from before recording, a batch's part from its claim to its recording
+    fell from ~70 ms to ~55 of a ~90-100 ms cycle (32 jobs; the rest is recording, the broker and the next
+    message). Only while no other worker has ranked jobs for
+    `WARM_ALONE_SECONDS`: it may claim the next batch first, and the CPU spent warming it here is lost (two
+    worker processes on two cores, warming whenever the other was between batches: 4-11% slower). One
+    warm-up at a time per process.
     """
     if kind.warm is None or not _warming.acquire(blocking=False):
         return
@@ -344,6 +344,8 @@ def _process(batch: list[_Claimed], kind: JobKind, worker: str, settings: Settin
                         successes.append((job, kind.run_batch([request], settings)[0]))
                     except Exception as one_exc:
                         failures.append((job, readable(one_exc), not isinstance(one_exc, RequestError)))
+    if len(batch) >= settings.batch_size > 1:  # a full batch: more are likely queued
+        _warm_next(kind, worker, settings)
     recorded = _record_successes(successes, worker, settings)
     for job, result in successes:
         if job.id in recorded:
@@ -467,11 +469,12 @@ def processed_jobs() -> int:
 def prepare_worker(settings: Settings) -> None:
     """Load what jobs need once per worker process: the embedding model, the default ranker's LLM, the
     best sellers every batch reads (one aggregate over all purchases, ~1 s on the bundled data, which the
-    first batch would otherwise pay) and every product's co-purchase partners (one statement, ~0.5 s)."""
+    first batch would otherwise pay) and every product's co-purchase partners (one statement, ~0.5 s);
+    then run a batch's first stages once (`pipeline.warm_up`)."""
     from recsys.catalog.embedding import encode
     from recsys.rankers import is_llm_ranker
     from recsys.recommend.candidates import best_sellers, read_all_copurchase_neighbours
-    from recsys.recommend.pipeline import ranker_for
+    from recsys.recommend.pipeline import ranker_for, warm_up
 
     try:
         encode(["warm up"], settings)
@@ -482,6 +485,7 @@ def prepare_worker(settings: Settings) -> None:
     try:
         best_sellers(settings)
         read_all_copurchase_neighbours(settings)
+        warm_up(settings)
     except Exception as exc:  # an empty or unmigrated database: the first batch reads them, or says what is wrong
-        log.warning("worker could not read the best sellers and co-purchase partners ahead of its first job: %s",
-                    readable(exc))
+        log.warning("worker could not prepare its first batch's statistics and statements ahead of its first job: "
+                    "%s", readable(exc))
