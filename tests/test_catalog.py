@@ -111,6 +111,25 @@ def test_query_encoding_is_remembered_and_bf16_stays_close(loaded_db):
         embedding.query_dtype(loaded_db.with_(query_dtype="int4"))
 
 
+def test_bf16_passes_with_weights_cast_once_give_the_vectors_autocast_gives(loaded_db):
+    """The bf16 twin (Linear weights cast once) changes no bit of what autocast makes of the float32 model."""
+    import torch
+
+    from recsys.catalog import embedding
+
+    texts = ["metal lantern", "bag charm", "WHITE HANGING HEART T-LIGHT HOLDER", "a", "picture frame with glass"]
+    model = embedding.load_model(loaded_db.embedding_model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model.encode(texts, batch_size=4, normalize_embeddings=True, convert_to_numpy=True)
+
+    twin_vectors = embedding.encode(texts, loaded_db, batch_size=4, bfloat16=True)
+
+    np.testing.assert_array_equal(twin_vectors, np.asarray(reference, dtype=np.float32))
+    assert embedding._bfloat16_twin(model) is embedding._bfloat16_twin(model) is not model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert {m.weight.dtype for m in linears} == {torch.float32}  # the model itself keeps its float32 weights
+
+
 def test_a_pass_waiting_for_the_encoder_takes_what_a_warm_up_pass_encoded_meanwhile(monkeypatch):
     """A worker's batch that finds its queries missing waits for the encoder while the warm-up thread encodes
     them; once it has the encoder it uses those vectors instead of encoding the same queries again."""

@@ -99,6 +99,8 @@ def _encode_holding_lock(model, texts: Sequence[str], settings: Settings, batch_
                          bfloat16: bool) -> np.ndarray:
     import torch
 
+    if bfloat16:
+        model = _bfloat16_twin(model)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
         vectors = model.encode(
             list(texts),
@@ -108,6 +110,37 @@ def _encode_holding_lock(model, texts: Sequence[str], settings: Settings, batch_
             show_progress_bar=False,
         )
     return np.asarray(vectors, dtype=np.float32)
+
+
+_bfloat16_twins: dict[int, object] = {}
+
+
+def _bfloat16_twin(model):
+    """`model` with its Linear layers' weights and biases cast to bf16 once, every other tensor shared (for
+    passes under bf16 autocast; made once per model, with the encoder's lock held).
+
+    Autocast casts a Linear's float32 weight to bf16 on every pass: ~11M parameters copied per call,
+    ~4% of a worker's CPU for its batches' queries. Given the same values already cast, its cast is a no-op
+    and the arithmetic is the same, so the vectors are bit-identical (tests/test_catalog.py; bench/
+    query_encoding.py: 1.02 → 0.90 ms a query in passes of 16, README).
+    """
+    twin = _bfloat16_twins.get(id(model))
+    if twin is None:
+        import copy
+
+        import torch
+
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        cast = {id(t) for m in linears for t in (m.weight, m.bias) if t is not None}
+        shared = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in cast}
+        twin = copy.deepcopy(model, shared)
+        for module in twin.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.data = module.weight.data.to(torch.bfloat16)
+                if module.bias is not None:
+                    module.bias.data = module.bias.data.to(torch.bfloat16)
+        _bfloat16_twins[id(model)] = twin
+    return twin
 
 
 QUERY_DTYPES = ("auto", "float32", "bfloat16")
