@@ -6,7 +6,7 @@
 Ceiling: bench/noop_worker.py, a task that does nothing, on the same broker with the same worker
 settings (prefork, acks late, reject on a lost worker, prefetch 1), sent from as many threads and
 waited for the same way. For each worker size in `--concurrency` (processes), the no-op run and the
-`retrieval` run (the worker's batch size from RECSYS_BATCH_SIZE, default 32) follow each other, each
+`retrieval` run (the worker's batch size from RECSYS_BATCH_SIZE, default 64) follow each other, each
 with a fresh worker, so the ratio holds on a shared, loaded machine; `--rounds` repeats the pair and
 reports each round and the medians (the no-op rate alone moved 219-426 tasks/s between runs minutes
 apart on the 2-core machine). Each retrieval run also reports the pipeline's stage times per job, from

@@ -2,7 +2,7 @@
 
     python bench/query_encoding.py [--passes 40] [--pass-size 16] [--rounds 5]
 
-A worker encodes each batch's queries in two passes of half a batch (16 of the default 32) under bf16
+A worker encodes each batch's queries in two passes of half a batch (16 of a batch of 32) under bf16
 autocast (`RECSYS_QUERY_DTYPE=auto` on a CPU with native bf16). Autocast casts every Linear weight to bf16
 on each pass; `recsys.catalog.embedding` hands it a twin of the model whose Linear weights are cast once.
 Baseline: sentence-transformers' `encode` of the same passes under autocast, on the float32 model, in the

@@ -68,7 +68,7 @@ class Settings:
     ranker: str = "learned"
     max_candidates: int = 20
     verbalizer_permutations: int = 3
-    batch_size: int = 32
+    batch_size: int = 64
     batch_wait_ms: int = 50
     job_max_attempts: int = 3
     job_stale_seconds: int = 60

@@ -45,7 +45,8 @@ def _limits(values: tuple[str, ...]) -> dict[str, int | None]:
 @click.option("--limit", "limit", multiple=True, metavar="RANKER=N",
               help="Cases per task for one ranker; RANKER=all removes its default cap. Repeatable.")
 @click.option("--max-candidates", type=int, default=None, help="Candidates each ranker sees (RECSYS_MAX_CANDIDATES).")
-@click.option("--batch-size", type=int, default=None, help="Requests per ranking call (RECSYS_BATCH_SIZE).")
+@click.option("--batch-size", type=int, default=None,
+              help="Requests per ranking call (default 32, whatever RECSYS_BATCH_SIZE says).")
 @click.option("--exclude-purchased", is_flag=True,
               help="Leave products bought before the cutoff out of the candidates.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,

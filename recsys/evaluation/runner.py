@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CUTOFF = "2011-11-01"
 DEFAULT_CASES = 500
 DEFAULT_SEED = 42
+# Requests per ranking call unless asked: fixed rather than the worker's RECSYS_BATCH_SIZE, so the numbers do not
+# move with a deployment's batch setting (an LLM's batched passes pad each batch to its longest prompt).
+DEFAULT_BATCH_SIZE = 32
 # Cases per task for the slow LLM rankers (see README "Evaluation" for the timings behind them).
 DEFAULT_LIMITS = {"llm-verbalizer": 100, "llm-likelihood": 30, "llm-pointwise": 30, "llm-listwise": 20,
                   "learned-llm": 100}
@@ -275,7 +278,7 @@ def run_evaluation(
         raise EvaluationError(str(exc)) from exc
     snapshot_s = round(time.perf_counter() - t0, 1)
     max_candidates = params.max_candidates or settings.max_candidates
-    batch_size = params.batch_size or settings.batch_size
+    batch_size = params.batch_size or DEFAULT_BATCH_SIZE
     snapshot = snapshot.with_(max_candidates=max_candidates, batch_size=batch_size)
     ranker_settings = {name: snapshot for name in params.rankers}
     learned = [name for name in params.rankers if is_learned_ranker(name)]
