@@ -1,6 +1,6 @@
 """End-to-end job throughput: submit → real Celery worker → succeeded, against a no-op Celery task. Prints JSON.
 
-    python bench/jobs.py [--retrieval-jobs 1000] [--concurrency 1,2] [--rounds 1] [--kept-jobs 0]
+    python bench/jobs.py [--retrieval-jobs 1000] [--concurrency 1,2] [--rounds 1] [--kept-jobs 0] [--first-jobs 0]
                          [--llm-jobs 100] [--llm-ranker llm-verbalizer] [--llm-batch-sizes 1,8] [--skip-llm]
 
 Ceiling: bench/noop_worker.py, a task that does nothing, on the same broker with the same worker
@@ -20,7 +20,8 @@ its own database (`recsys_bench_jobs`, loaded with the bundled file on first use
 on a free port. Load averages are reported because the cores are shared. `--kept-jobs N` first fills
 the jobs table with N jobs finished weeks ago (without results), as a deployment keeps them until
 `recsys jobs cleanup`, and keeps them through the rounds: the job statements then run against a table
-of that size, as they do in production.
+of that size, as they do in production. `--first-jobs N` also starts N fresh workers, one after the
+other, and times each one's first job sent alone (submit→succeeded).
 """
 
 from __future__ import annotations
@@ -226,6 +227,31 @@ def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str,
     }
 
 
+def run_first_jobs(settings: Settings, requests: list[dict], args, log_dir: Path) -> dict:
+    """Each request alone, to a worker started for it: submit→succeeded of a fresh worker's first job."""
+    import redis
+
+    latencies = []
+    for request in requests:
+        clear_jobs(settings)
+        redis.Redis.from_url(settings.celery_broker_url).flushall()
+        worker = start_worker(settings, log_dir / f"worker-{len(list(log_dir.iterdir()))}.log", args.pool)
+        try:
+            worker.wait_ready()
+            job_id = jobs.submit_recommendation(request, settings=settings).job_id
+            deadline = time.monotonic() + args.timeout
+            while jobs.get_job(job_id, settings)["status"] in ("queued", "running") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with get_engine(settings).connect() as conn:
+                row = conn.execute(text("SELECT status, extract(epoch FROM finished_at - created_at) AS seconds "
+                                        "FROM jobs WHERE id = :id"), {"id": job_id}).one()
+        finally:
+            worker.stop()
+        latencies.append(round(float(row.seconds) * 1000, 1) if row.status == "succeeded" else None)
+    return {"jobs": len(requests), "submit_to_succeeded_ms": latencies,
+            "median_ms": None if None in latencies else statistics.median(latencies)}
+
+
 def median_of(rates) -> float | None:
     """The median of the rounds' rates (None when a round finished nothing)."""
     rates = list(rates)
@@ -247,6 +273,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,2", help="worker processes (prefork children), comma-separated")
     parser.add_argument("--kept-jobs", type=int, default=0,
                         help="finished jobs kept in the table from before (a deployment's history), inserted once")
+    parser.add_argument("--first-jobs", type=int, default=0,
+                        help="also time N fresh workers' first job, each alone (submit→succeeded)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="no-op then retrieval runs per worker size; rates are the rounds' medians")
     args = parser.parse_args()
@@ -294,6 +322,9 @@ def main() -> None:
                 "retrieval": ratio(last["retrieval_jobs_per_second"], first["retrieval_jobs_per_second"], 2),
                 "noop": ratio(last["noop_tasks_per_second"], first["noop_tasks_per_second"], 2),
             }
+        if args.first_jobs:
+            report["first_job_of_a_fresh_worker"] = run_first_jobs(
+                settings, workload(settings, args.first_jobs, "retrieval", 3), args, home)
         if not args.skip_llm:
             from recsys.llm.acquisition import prepare_model
 

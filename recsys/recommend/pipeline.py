@@ -262,9 +262,10 @@ def warm_up(settings: Settings) -> None:
     """Run stages 1–2 once for a batch made from the catalog (the customers who bought last, product
     descriptions as queries) and drop the answer, so a worker's first real batch does not pay for what a
     process does once: its first query-encoder pass in the configured precision, the statements' plans on
-    both connections of a split batch, the index pages. The first batch of a fresh worker took 215 ms
-    instead of ~80 (113 ms of it encoding, 94 ms candidates). Reads only; the query vectors it caches are
-    the ones these texts would get in any batch. Only with the embedding model this process holds already.
+    both connections of a split batch, the index pages: a fresh worker's first job, sent alone, goes from
+    submitted to succeeded in 79 ms instead of 244 (median of three, `bench/jobs.py --first-jobs 3`).
+    Reads only; the query vectors it caches are the ones these texts would get in any batch. Only with the
+    embedding model this process holds already.
     """
     if not model_is_loaded(settings):
         return
