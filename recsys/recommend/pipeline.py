@@ -263,7 +263,7 @@ def warm_up(settings: Settings) -> None:
     descriptions as queries) and drop the answer, so a worker's first real batch does not pay for what a
     process does once: its first query-encoder pass in the configured precision, the statements' plans on
     both connections of a split batch, the index pages: a fresh worker's first job, sent alone, goes from
-    submitted to succeeded in 79 ms instead of 244 (median of three, `bench/jobs.py --first-jobs 3`).
+    submitted to succeeded in 79-80 ms instead of 140-244 (medians of three, `bench/jobs.py --first-jobs 3`).
     Reads only; the query vectors it caches are the ones these texts would get in any batch. Only with the
     embedding model this process holds already.
     """
