@@ -140,6 +140,17 @@ def test_the_next_batch_takes_the_stages_prepared_ahead_and_answers_the_same(loa
     assert fresh_preparations[-1] == 1
 
 
+def test_stages_prepared_ahead_are_not_used_once_older_than_a_next_batch_would_come(loaded_db, fresh_preparations,
+                                                                                    monkeypatch):
+    request = RecommendationRequest(15781, "lantern", 5, "retrieval")
+    prepare_ahead([request], loaded_db)
+    monkeypatch.setattr(pipeline, "AHEAD_KEPT_SECONDS", -1.0)
+
+    recommend_batch([request], loaded_db)
+
+    assert fresh_preparations == [1, 1]
+
+
 def test_stages_prepared_before_a_purchase_are_not_used(loaded_db, fresh_preparations):
     request = RecommendationRequest(15781, None, 5, "retrieval")
     prepare_ahead([request], loaded_db)

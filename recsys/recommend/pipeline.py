@@ -172,10 +172,11 @@ def prepare_ahead(requests: Sequence[RecommendationRequest], settings: Settings)
     A worker does it in a thread while it records its last batch, stores the answers and takes the next
     message: Postgres runs the next batch's statements and the encoder its queries while the process's own
     work is mostly Python and the broker. Kept with the data marker read before (`_DATA_MARKER`), they are
-    used only if purchases, the catalog and the ingest runs did not change since, and only by the next batch:
-    each request's stages do not depend on the other requests of its pass, so the answer is the same. A
-    request that cannot be prepared (no purchases, no query) leaves the queries encoded and the rest to its
-    batch. Only with the embedding model this process holds already: a head start never loads one.
+    used only if purchases, the catalog and the ingest runs did not change since, and only by the next batch,
+    within `AHEAD_KEPT_SECONDS`: each request's stages do not depend on the other requests of its pass, so the
+    answer is the same. A request that cannot be prepared (no purchases, no query) leaves the queries encoded
+    and the rest to its batch. Only with the embedding model this process holds already: a head start never
+    loads one.
     """
     global _ahead
     if not model_is_loaded(settings):
@@ -191,7 +192,7 @@ def prepare_ahead(requests: Sequence[RecommendationRequest], settings: Settings)
             _encode(requests, settings, light=False)
             return
         keys = [_ahead_key(request, whole) for request, whole in zip(requests, rank_all, strict=True)]
-        _ahead = _Ahead(settings, marker, dict(zip(keys, prepared, strict=True)))
+        _ahead = _Ahead(settings, marker, dict(zip(keys, prepared, strict=True)), time.monotonic())
 
 
 @dataclass
@@ -199,6 +200,12 @@ class _Ahead:
     settings: Settings
     marker: tuple
     prepared: dict[tuple[str, bool], _Prepared]
+    made_at: float  # time.monotonic()
+
+
+# A worker's next batch follows within milliseconds; stages kept longer (an idle worker) are not used, whatever
+# the marker says: a change it does not see (purchases edited in place) cannot reach a later batch.
+AHEAD_KEPT_SECONDS = 10.0
 
 
 _ahead: _Ahead | None = None
@@ -229,7 +236,8 @@ def _take_ahead(settings: Settings) -> dict[tuple[str, bool], _Prepared]:
         return {}
     with _ahead_lock:
         ahead, _ahead = _ahead, None
-    if ahead is None or ahead.settings != settings or _data_marker(settings) != ahead.marker:
+    if (ahead is None or ahead.settings != settings or time.monotonic() - ahead.made_at > AHEAD_KEPT_SECONDS
+            or _data_marker(settings) != ahead.marker):
         return {}
     return ahead.prepared
 
