@@ -237,10 +237,9 @@ def _warm_next(kind: JobKind, worker: str, settings: Settings) -> None:
     queries, one worker process ranked 153.8 jobs/s (median of three alternating 1,000-job runs) instead of
     134.2. Preparing stages 1-2 whole, from before recording, a batch's part from its claim to its recording
     fell from ~70 ms to ~55 of a ~90-100 ms cycle (32 jobs; the rest is recording, the broker and the next
-    message). Only while no other worker has ranked jobs for
-    `WARM_ALONE_SECONDS`: it may claim the next batch first, and the CPU spent warming it here is lost (two
-    worker processes on two cores, warming whenever the other was between batches: 4-11% slower). One
-    warm-up at a time per process.
+    message). Only while no other worker has ranked jobs for `WARM_ALONE_SECONDS`: it may claim the next
+    batch first, and the CPU spent warming it here is lost (two worker processes on two cores, warming
+    whenever the other was between batches: 4-11% slower). One warm-up at a time per process.
     """
     if kind.warm is None or not _warming.acquire(blocking=False):
         return
