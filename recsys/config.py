@@ -42,6 +42,12 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+# Requests per pass for offline work, the evaluation and training a ranker, unless they are told otherwise: fixed
+# rather than a worker's RECSYS_BATCH_SIZE, so their numbers and models do not follow a deployment's setting
+# (float32 query vectors and an LLM's padded passes can differ in their last bits with the batch).
+OFFLINE_BATCH_SIZE = 32
+
+
 @dataclass(frozen=True)
 class Settings:
     """All configuration. Build with `Settings.from_env()`; override with `.with_(...)`."""

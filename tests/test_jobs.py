@@ -124,6 +124,17 @@ def test_one_message_ranks_a_batch_and_the_other_messages_do_nothing(loaded_db, 
 
 
 @pytest.mark.timeout(180)
+def test_discover_batches_stay_at_32_jobs_whatever_the_batch_size_says():
+    """Generation takes seconds a request on a CPU: 64 discover jobs would run past the job time limit."""
+    from recsys.config import Settings
+    from recsys.jobs.kinds import DISCOVER, RECOMMENDATION, job_kind
+
+    assert job_kind(RECOMMENDATION).batch_size(Settings()) == 64 == Settings().batch_size
+    assert job_kind(DISCOVER).batch_size(Settings()) == 32
+    assert job_kind(DISCOVER).batch_size(Settings(batch_size=8)) == 8
+    assert job_kind(RECOMMENDATION).batch_size(Settings(batch_size=128)) == 128
+
+
 def test_batch_waits_for_jobs_that_arrive(loaded_db, flushed_broker):
     """Jobs submitted while the runner waits join its batch, and a full batch goes at once: with a
     ten-minute batch_wait_ms, the run finishing at all (well inside the test's timeout) shows it."""

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from recsys.config import Settings
+from recsys.config import OFFLINE_BATCH_SIZE, Settings
 from recsys.evaluation.cases import TASK_TITLES, TASKS, Case, sample_cases
 from recsys.evaluation.metrics import case_metrics, mean_metrics, paired_difference, percentile
 from recsys.evaluation.snapshot import SnapshotError, snapshot_settings
@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CUTOFF = "2011-11-01"
 DEFAULT_CASES = 500
 DEFAULT_SEED = 42
-# Requests per ranking call unless asked: fixed rather than the worker's RECSYS_BATCH_SIZE, so the numbers do not
-# move with a deployment's batch setting (an LLM's batched passes pad each batch to its longest prompt).
-DEFAULT_BATCH_SIZE = 32
 # Cases per task for the slow LLM rankers (see README "Evaluation" for the timings behind them).
 DEFAULT_LIMITS = {"llm-verbalizer": 100, "llm-likelihood": 30, "llm-pointwise": 30, "llm-listwise": 20,
                   "learned-llm": 100}
@@ -241,7 +238,8 @@ def learned_models(
             existing = None
         if existing is None or str(existing.get("cutoff", ""))[:19] != cutoff.isoformat(sep=" ")[:19]:
             log.info("training %s with cutoff %s into %s", variant, cutoff, folder)
-            train_ranker(settings.with_(model_cache=folder), variant=variant, cutoff=cutoff, progress=progress)
+            train_ranker(settings.with_(model_cache=folder), variant=variant, cutoff=cutoff, progress=progress,
+                         batch_size=settings.batch_size)
         model = read_model(model_path(trained, variant), variant)
         metadata[variant] = model.metadata | {"importances": model.importances()}
     return trained, metadata
@@ -278,7 +276,7 @@ def run_evaluation(
         raise EvaluationError(str(exc)) from exc
     snapshot_s = round(time.perf_counter() - t0, 1)
     max_candidates = params.max_candidates or settings.max_candidates
-    batch_size = params.batch_size or DEFAULT_BATCH_SIZE
+    batch_size = params.batch_size or OFFLINE_BATCH_SIZE
     snapshot = snapshot.with_(max_candidates=max_candidates, batch_size=batch_size)
     ranker_settings = {name: snapshot for name in params.rankers}
     learned = [name for name in params.rankers if is_learned_ranker(name)]

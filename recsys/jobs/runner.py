@@ -208,7 +208,7 @@ def _run_queued(params: dict, kind: JobKind, worker: str, settings: Settings) ->
     Returns the finished jobs' summaries, as `RunOutcome.others`.
     """
     with quick_commit(settings) as conn:
-        batch = _claim(conn, _CLAIM_QUEUED, {**params, "n": settings.batch_size})
+        batch = _claim(conn, _CLAIM_QUEUED, {**params, "n": kind.batch_size(settings)})
     if not batch:
         return []
     return _settle_others(_rank(batch, params, kind, worker, settings).values(), settings)
@@ -218,7 +218,7 @@ def _rank(batch: list[_Claimed], params: dict, kind: JobKind, worker: str, setti
     """Fill the claimed batch from the queue, rank it and record each job's outcome (by job id)."""
     _track([c.id for c in batch], True)
     try:
-        _drain(batch, params, settings)
+        _drain(batch, params, kind.batch_size(settings), settings)
         return _process(batch, kind, worker, settings)
     finally:
         _track([c.id for c in batch], False)
@@ -272,7 +272,7 @@ def _warm(kind: JobKind, worker: str, settings: Settings) -> None:
     try:
         with get_engine(settings).connect() as conn:
             upcoming = conn.execute(
-                _UPCOMING, {"kind": kind.name, "n": settings.batch_size, "me": worker}
+                _UPCOMING, {"kind": kind.name, "n": kind.batch_size(settings), "me": worker}
             ).scalars().all()
         requests = []
         for request in upcoming:
@@ -296,19 +296,19 @@ def _settle_others(outcomes, settings: Settings) -> list[dict]:
     return [o.summary() for o in outcomes if o.status in FINISHED_STATUSES]
 
 
-def _drain(batch: list[_Claimed], params: dict, settings: Settings) -> None:
-    """Claim queued jobs into `batch` until it holds batch_size, waiting at most batch_wait_ms for them to arrive.
+def _drain(batch: list[_Claimed], params: dict, size: int, settings: Settings) -> None:
+    """Claim queued jobs into `batch` until it holds `size`, waiting at most batch_wait_ms for them to arrive.
 
     Appends as it goes, so the caller releases every claimed job even if a later claim fails.
     """
     deadline = time.monotonic() + settings.batch_wait_ms / 1000
-    while len(batch) < settings.batch_size:
+    while len(batch) < size:
         with quick_commit(settings) as conn:
-            got = _claim(conn, _CLAIM_QUEUED, {**params, "n": settings.batch_size - len(batch)})
+            got = _claim(conn, _CLAIM_QUEUED, {**params, "n": size - len(batch)})
         _track([c.id for c in got], True)
         batch += got
         remaining = deadline - time.monotonic()
-        if len(batch) >= settings.batch_size or remaining <= 0:
+        if len(batch) >= size or remaining <= 0:
             return
         time.sleep(min(POLL_SECONDS, remaining))
 
@@ -343,7 +343,7 @@ def _process(batch: list[_Claimed], kind: JobKind, worker: str, settings: Settin
                         successes.append((job, kind.run_batch([request], settings)[0]))
                     except Exception as one_exc:
                         failures.append((job, readable(one_exc), not isinstance(one_exc, RequestError)))
-    if len(batch) >= settings.batch_size > 1:  # a full batch: more are likely queued
+    if len(batch) >= kind.batch_size(settings) > 1:  # a full batch: more are likely queued
         _warm_next(kind, worker, settings)
     recorded = _record_successes(successes, worker, settings)
     for job, result in successes:

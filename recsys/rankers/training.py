@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 from sqlalchemy import text
 
-from recsys.config import Settings
+from recsys.config import OFFLINE_BATCH_SIZE, Settings
 from recsys.platform.db import get_engine
 from recsys.rankers.base import RankRequest, RankResult
 from recsys.rankers.features import BatchFeatures, feature_names, read_features
@@ -277,10 +277,11 @@ def train_ranker(
     progress: ProgressFactory = no_progress,
     llm_model=None,
     params: dict | None = None,
+    batch_size: int = OFFLINE_BATCH_SIZE,
 ) -> dict:
     """Train and save the variant's model; returns its metadata (also in the model file).
 
-    `params` overrides entries of `LGBM_PARAMS`.
+    `params` overrides entries of `LGBM_PARAMS`; `batch_size` is the requests per pass of the feature runs.
 
     `feature_settings` points at a database that already holds only the purchases before the
     inner cutoff (tests); otherwise `snapshot(settings, inner_cutoff)` builds one (default: the
@@ -313,7 +314,6 @@ def train_ranker(
         t0 = time.perf_counter()
         feature_settings = snapshot(settings, inner)
         counts["snapshot_s"] = round(time.perf_counter() - t0, 1)
-    batch_size = settings.batch_size
     requests = collect_requests(examples, feature_settings, batch_size, progress)
     t0 = time.perf_counter()
     features = collect_features(requests, feature_settings, batch_size, with_llm, progress, llm_model)
