@@ -165,6 +165,29 @@ def recommend_batch(
     return results
 
 
+@dataclass
+class _Ahead:
+    settings: Settings
+    marker: tuple
+    prepared: dict[tuple[str, bool], _Prepared]
+    made_at: float  # time.monotonic()
+
+
+# A worker's next batch follows within milliseconds; stages kept longer (an idle worker) are not used, whatever
+# the marker says: a change it does not see (purchases edited in place) cannot reach a later batch.
+AHEAD_KEPT_SECONDS = 10.0
+
+
+_ahead: _Ahead | None = None
+_ahead_lock = threading.Lock()  # held while stages are prepared ahead; a batch waits for them
+_DATA_MARKER = text(
+    """
+    SELECT (SELECT max(id) FROM purchases), (SELECT version FROM catalog_version),
+           (SELECT max(id) FROM ingest_runs), (SELECT max(finished_at) FROM ingest_runs)
+    """
+)
+
+
 def prepare_ahead(requests: Sequence[RecommendationRequest], settings: Settings) -> None:
     """Run stages 1–2 (histories, query vectors, candidates) for requests about to be ranked and keep them for
     the next batch of this process that holds the same requests (`_prepare_batch`), as a batch would run them.
@@ -193,29 +216,6 @@ def prepare_ahead(requests: Sequence[RecommendationRequest], settings: Settings)
             return
         keys = [_ahead_key(request, whole) for request, whole in zip(requests, rank_all, strict=True)]
         _ahead = _Ahead(settings, marker, dict(zip(keys, prepared, strict=True)), time.monotonic())
-
-
-@dataclass
-class _Ahead:
-    settings: Settings
-    marker: tuple
-    prepared: dict[tuple[str, bool], _Prepared]
-    made_at: float  # time.monotonic()
-
-
-# A worker's next batch follows within milliseconds; stages kept longer (an idle worker) are not used, whatever
-# the marker says: a change it does not see (purchases edited in place) cannot reach a later batch.
-AHEAD_KEPT_SECONDS = 10.0
-
-
-_ahead: _Ahead | None = None
-_ahead_lock = threading.Lock()  # held while stages are prepared ahead; a batch waits for them
-_DATA_MARKER = text(
-    """
-    SELECT (SELECT max(id) FROM purchases), (SELECT version FROM catalog_version),
-           (SELECT max(id) FROM ingest_runs), (SELECT max(finished_at) FROM ingest_runs)
-    """
-)
 
 
 def _data_marker(settings: Settings) -> tuple:
