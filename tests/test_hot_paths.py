@@ -22,7 +22,7 @@ from support.waiting import wait_until
 from recsys import jobs
 from recsys.jobs import relay
 from recsys.platform import broker
-from recsys.platform.db import get_engine, run_bare
+from recsys.platform.db import fetch_binary, get_engine, run_bare
 from recsys.recommend import cache
 from recsys.recommend.request import RecommendationRequest
 
@@ -367,6 +367,27 @@ def test_bare_statements_and_submits_survive_a_dropped_connection(loaded_db, flu
     assert outcome.created and jobs.count_jobs(loaded_db) == 1
     again = jobs.submit_recommendation(payload(query="lantern"), settings=loaded_db, idempotency_key="dropped-1")
     assert again.job_id == outcome.job_id and not again.created and jobs.count_jobs(loaded_db) == 1
+
+
+def test_rows_fetched_in_binary_are_the_rows_the_text_protocol_gives(db):
+    """The candidate statement's rows come in binary: the same values and types as `conn.execute` gives."""
+    from sqlalchemy.exc import DBAPIError
+
+    statement = text(
+        """
+        SELECT n, 'code ' || n AS code, n % 2 = 0 AS even, 1 - 1 / (n + 0.3::float8) AS similarity,
+               CASE WHEN n > 3 THEN extract(epoch FROM interval '1 day' * n) / 86400.0 END AS days,
+               CAST(:missing AS float8) AS missing
+        FROM generate_series(1, CAST(:count AS int)) AS n ORDER BY n
+        """
+    )
+    with get_engine(db).begin() as conn:
+        expected = [tuple(row) for row in conn.execute(statement, {"count": 6, "missing": None}).all()]
+        fetched = fetch_binary(conn, statement, {"count": 6, "missing": None})
+        assert fetched == expected and len(fetched) == 6
+        assert [list(map(type, row)) for row in fetched] == [list(map(type, row)) for row in expected]
+    with get_engine(db).begin() as conn, pytest.raises(DBAPIError, match="division by zero"):
+        fetch_binary(conn, text("SELECT 1 / (CAST(:zero AS int))"), {"zero": 0})
 
 
 def test_frozen_objects_are_left_out_of_full_collections():

@@ -180,6 +180,31 @@ def _on_kept_connection(engine: Engine, work: Callable[[psycopg.Cursor], T]) -> 
     return result
 
 
+def fetch_binary(conn: Connection, statement, params: dict) -> list[tuple]:
+    """Every row of `statement` (a SQLAlchemy `text`), run on `conn` inside its transaction with the rows sent in
+    binary: numbers travel as their bytes instead of text Postgres prints and Python parses back (for the
+    candidate statement, 3,200 rows a half batch: ~1.5 ms less Postgres time and ~1.5 ms less of this process's
+    CPU per half). The values are the same (float8 bits, text, numeric as Decimal); rows are plain tuples.
+    Errors are raised as SQLAlchemy's, as `conn.execute` would."""
+    driver_sql = _driver_sql.get(statement)
+    if driver_sql is None:
+        driver_sql = _driver_sql.setdefault(statement, str(statement.compile(dialect=conn.dialect)))
+    cursor = conn.connection.driver_connection.cursor(binary=True)
+    try:
+        cursor.execute(driver_sql, params)
+        return cursor.fetchall()
+    except psycopg.Error as exc:
+        dead = bool(conn.connection.driver_connection.broken)
+        if dead:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(driver_sql, params, exc, psycopg.Error, connection_invalidated=dead) from exc
+    finally:
+        cursor.close()
+
+
+_driver_sql: dict = {}
+
+
 class VectorArray(list):
     """Vectors (numpy arrays, or None) for one `vector[]` parameter, sent in binary: psycopg dumps a plain
     list's elements as text, ~0.4 ms of Python for each 384-float vector. The values are the same float32s."""

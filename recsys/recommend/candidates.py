@@ -44,7 +44,7 @@ from sqlalchemy import text
 
 from recsys.catalog.history import HISTORY_ITEMS
 from recsys.config import Settings
-from recsys.platform.db import VectorArray, get_engine
+from recsys.platform.db import VectorArray, fetch_binary, get_engine
 from recsys.platform.process import process_thread
 from recsys.rankers.base import CANDIDATE_SOURCES, Candidate
 
@@ -63,8 +63,7 @@ FUSION_WEIGHTS = {
 POPULAR_REFRESH_SECONDS = 30.0
 NOT_FOUND = 10**9
 # columns of a row of the batch statement
-(ORD, CODE, DESCRIPTION, NEAREST, MATCHES, REPEAT_RANK, SCORE, QUERY_SIM, HISTORY_SIM, REPEAT_SCORE, TIMES,
- DAYS) = range(12)
+(ORD, CODE, DESCRIPTION, NEAREST, MATCHES, REPEAT_RANK, QUERY_SIM, HISTORY_SIM, REPEAT_SCORE, TIMES, DAYS) = range(11)
 
 
 @dataclass(frozen=True)
@@ -424,8 +423,6 @@ _CANDIDATES = text(
         HAVING min(nr) IS NOT NULL OR min(rr) IS NOT NULL OR bool_or(given)
     )
     SELECT c.ord, c.stock_code, p.description, c.nearest_rank, c.matches, c.repeat_rank,
-           -- the search vector is the query's or else the history's: its similarity is one of the two
-           CASE WHEN s.has_query THEN d.query_similarity ELSE d.history_similarity END AS retrieval_score,
            d.query_similarity, d.history_similarity,
            c.repeat_score, c.times, extract(epoch FROM ref.at - c.last_at) / 86400.0 AS days_since_bought
     FROM cand c
@@ -551,7 +548,7 @@ def _candidates_of(
     with get_engine(settings).begin() as conn:
         conn.execute(text("SELECT set_config('hnsw.ef_search', :ef, true), "
                           "set_config('hnsw.iterative_scan', 'relaxed_order', true)"), {"ef": str(settings.ef_search)})
-        rows = conn.execute(_CANDIDATES, params).all()
+        rows = fetch_binary(conn, _CANDIDATES, params)
 
     by_request: dict[int, list] = {}
     for row in rows:
@@ -565,7 +562,7 @@ def _candidates_of(
                                partners)
         sources, order = merge(ranked, share, FUSION_WEIGHTS[has_query], limit)
         by_code = {row[CODE]: row for row in found}
-        candidates = [_candidate(by_code[code], sources[code], popular, partners) for code in order]
+        candidates = [_candidate(by_code[code], sources[code], popular, partners, has_query) for code in order]
         searched = bool(found) and found[0][NEAREST] is not None
         results.append(
             CandidateSet(
@@ -634,7 +631,9 @@ def _source_lists(
     return lists
 
 
-def _candidate(row, sources: dict[str, int], popular: BestSellers, partners: Partners) -> Candidate:
+def _candidate(row, sources: dict[str, int], popular: BestSellers, partners: Partners, has_query: bool) -> Candidate:
+    """A candidate from its statement row; its retrieval score is the similarity to the vector it was searched by
+    (the query's, or else the history's)."""
     evidence: dict[str, float | str] = {}
     for position, key in ((QUERY_SIM, "query_similarity"), (HISTORY_SIM, "history_similarity"),
                           (REPEAT_SCORE, "repeat_score"), (TIMES, "times_bought"), (DAYS, "days_since_bought")):
@@ -646,5 +645,6 @@ def _candidate(row, sources: dict[str, int], popular: BestSellers, partners: Par
                         copurchase_with=partners.with_codes[at])
     evidence["popularity"] = float(popular.all_time.get(row[CODE], 0))
     evidence["popularity_30d"] = float(popular.customers.get(row[CODE], 0))
-    score = float(row[SCORE]) if row[SCORE] is not None else 0.0
+    score = row[QUERY_SIM] if has_query else row[HISTORY_SIM]
+    score = float(score) if score is not None else 0.0
     return Candidate(row[CODE], row[DESCRIPTION], score, sources, evidence)
