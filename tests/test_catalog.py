@@ -130,6 +130,28 @@ def test_bf16_passes_with_weights_cast_once_give_the_vectors_autocast_gives(load
     assert {m.weight.dtype for m in linears} == {torch.float32}  # the model itself keeps its float32 weights
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_query_passes_give_the_vectors_sentence_transformers_encode_gives(loaded_db, dtype):
+    """A query pass skips `encode`'s bookkeeping, not a bit of its arithmetic, in either precision, for passes
+    of one to a whole batch (texts of different lengths: `encode` reorders them by length, a pass does not)."""
+    import torch
+
+    from recsys.catalog import embedding
+
+    settings = loaded_db.with_(query_dtype=dtype)
+    texts = ["metal lantern", "bag charm", "WHITE HANGING HEART T-LIGHT HOLDER", "a", "picture frame with glass",
+             "set of 3 cake tins pantry design", "red retrospot", "jumbo bag", "a" * 300]
+    model = embedding.load_model(settings.embedding_model)
+    bfloat16 = dtype == "bfloat16"
+    for size in (1, 4, len(texts)):
+        for start in range(0, len(texts), size):
+            chunk = texts[start:start + size]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+                reference = model.encode(chunk, batch_size=settings.embedding_batch_size, normalize_embeddings=True,
+                                         convert_to_numpy=True)
+            np.testing.assert_array_equal(embedding._encode_query_pass(model, chunk, settings, bfloat16), reference)
+
+
 def test_a_pass_waiting_for_the_encoder_takes_what_a_warm_up_pass_encoded_meanwhile(monkeypatch):
     """A worker's batch that finds its queries missing waits for the encoder while the warm-up thread encodes
     them; once it has the encoder it uses those vectors instead of encoding the same queries again."""
@@ -149,7 +171,7 @@ def test_a_pass_waiting_for_the_encoder_takes_what_a_warm_up_pass_encoded_meanwh
         return object()
 
     monkeypatch.setattr(embedding, "load_model", model_then_signal)
-    monkeypatch.setattr(embedding, "_encode_holding_lock", lambda *args: passes.append(args))
+    monkeypatch.setattr(embedding, "_encode_query_pass", lambda *args: passes.append(args))
     found = []
     try:
         with embedding._encode_lock:  # the warm-up pass holds the encoder
