@@ -377,15 +377,20 @@ _CANDIDATES = text(
     search AS MATERIALIZED (
         SELECT q.ord, q.customer_id, q.exclude, q.query_vector, q.query_vector IS NOT NULL AS has_query,
                websearch_to_tsquery('english', q.query_text) AS words,
-               coalesce(q.query_vector, CAST(h.v AS vector)) AS v
+               coalesce(q.query_vector, CAST(h.v AS vector)) AS v, CAST(h.v AS vector) AS hv
         FROM req q LEFT JOIN hvec h USING (customer_id)
     ),
     nearest AS (
-        SELECT s.ord, n.stock_code, n.matches,
+        -- the product's description and similarities come from the row the index scan fetched anyway: the
+        -- distance to the search vector is the query's (or, without one, the history's) similarity
+        SELECT s.ord, n.stock_code, n.matches, n.description,
+               CASE WHEN s.has_query THEN 1 - n.distance END AS query_similarity,
+               CASE WHEN s.has_query THEN n.history_similarity ELSE 1 - n.distance END AS history_similarity,
                row_number() OVER (PARTITION BY s.ord ORDER BY n.distance, n.stock_code) AS rank
         FROM search s
         CROSS JOIN LATERAL (
-            SELECT p.stock_code, p.embedding <=> s.v AS distance, p.search_tsv @@ s.words AS matches
+            SELECT p.stock_code, p.description, p.embedding <=> s.v AS distance, p.search_tsv @@ s.words AS matches,
+                   CASE WHEN s.has_query THEN 1 - (p.embedding <=> s.hv) END AS history_similarity
             FROM products p
             WHERE p.embedding IS NOT NULL AND NOT p.is_non_product
               AND NOT (s.exclude AND EXISTS (
@@ -407,32 +412,36 @@ _CANDIDATES = text(
     cand AS (
         -- one row per request and product: its ranks, and (for a product the customer bought) the evidence
         SELECT ord, stock_code, min(nr) AS nearest_rank, bool_or(fts) AS matches, min(rr) AS repeat_rank,
-               max(times) AS times, max(repeat_score) AS repeat_score, max(last_at) AS last_at
+               max(times) AS times, max(repeat_score) AS repeat_score, max(last_at) AS last_at,
+               max(description) AS description, max(qs) AS query_similarity, max(hs) AS history_similarity
         FROM (
             SELECT ord, stock_code, rank AS nr, matches AS fts, NULL::bigint AS rr, false AS given,
-                   NULL::bigint AS times, NULL::double precision AS repeat_score, NULL::timestamp AS last_at
+                   NULL::bigint AS times, NULL::double precision AS repeat_score, NULL::timestamp AS last_at,
+                   description, query_similarity AS qs, history_similarity AS hs
             FROM nearest
-            UNION ALL SELECT ord, stock_code, NULL, NULL, rank, false, NULL, NULL, NULL
+            UNION ALL SELECT ord, stock_code, NULL, NULL, rank, false, NULL, NULL, NULL, NULL, NULL, NULL
             FROM rep WHERE rank <= :repeat_quota
-            UNION ALL SELECT g.ord, g.stock_code, NULL, NULL, NULL, true, NULL, NULL, NULL
+            UNION ALL SELECT g.ord, g.stock_code, NULL, NULL, NULL, true, NULL, NULL, NULL, NULL, NULL, NULL
             FROM unnest(CAST(:given_ords AS int[]), CAST(:given_codes AS text[])) AS g(ord, stock_code)
-            UNION ALL SELECT s.ord, b.stock_code, NULL, NULL, NULL, false, b.times, b.repeat_score, b.last_at
+            UNION ALL SELECT s.ord, b.stock_code, NULL, NULL, NULL, false, b.times, b.repeat_score, b.last_at,
+                   NULL, NULL, NULL
             FROM search s JOIN bought b ON b.customer_id = s.customer_id
         ) found
         GROUP BY ord, stock_code
         HAVING min(nr) IS NOT NULL OR min(rr) IS NOT NULL OR bool_or(given)
     )
-    SELECT c.ord, c.stock_code, p.description, c.nearest_rank, c.matches, c.repeat_rank,
+    SELECT c.ord, c.stock_code, d.description, c.nearest_rank, c.matches, c.repeat_rank,
            d.query_similarity, d.history_similarity,
            c.repeat_score, c.times, extract(epoch FROM ref.at - c.last_at) / 86400.0 AS days_since_bought
     FROM cand c
     JOIN search s USING (ord)
-    JOIN products p ON p.stock_code = c.stock_code
     CROSS JOIN ref
     LEFT JOIN hvec h ON h.customer_id = s.customer_id
-    CROSS JOIN LATERAL (
-        SELECT 1 - (p.embedding <=> s.query_vector) AS query_similarity,
-               1 - (p.embedding <=> CAST(h.v AS vector)) AS history_similarity
+    CROSS JOIN LATERAL (  -- a product found by the search has them already; the others are looked up
+        SELECT c.description, c.query_similarity, c.history_similarity WHERE c.nearest_rank IS NOT NULL
+        UNION ALL
+        SELECT p.description, 1 - (p.embedding <=> s.query_vector), 1 - (p.embedding <=> CAST(h.v AS vector))
+        FROM products p WHERE c.nearest_rank IS NULL AND p.stock_code = c.stock_code
     ) d
     ORDER BY c.ord, c.nearest_rank NULLS LAST, c.repeat_rank NULLS LAST, c.stock_code
     """
