@@ -9,6 +9,7 @@ does `submit_recommendation` inside the worker, for clients without database acc
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 from celery import states
@@ -73,11 +74,10 @@ def _store_answers(backend, answers: list[dict]) -> None:
         for answer in answers:
             backend.store_result(answer["job_id"], answer, states.SUCCESS)
     else:
+        encoded_meta = _meta_encoder(backend)
         with client.pipeline() as pipe:
             for answer in answers:
-                meta = backend._get_result_meta(result=answer, state=states.SUCCESS, traceback=None, request=None)
-                meta["task_id"] = answer["job_id"]
-                key, value = backend.get_key_for_task(answer["job_id"]), backend.encode(meta)
+                key, value = backend.get_key_for_task(answer["job_id"]), encoded_meta(answer)
                 if backend.expires:
                     pipe.setex(key, backend.expires, value)
                 else:
@@ -88,6 +88,36 @@ def _store_answers(backend, answers: list[dict]) -> None:
         _answered_here[answer["job_id"]] = None
     while len(_answered_here) > ANSWERED_REMEMBERED:
         _answered_here.popitem(last=False)
+
+
+_RESULT_MARK, _TASK_ID_MARK = "recsys-answer-result-mark", "recsys-answer-task-id-mark"
+
+
+def _meta_encoder(backend):
+    """answer → the backend's encoded SUCCESS meta for it, as `store_result` would store it.
+
+    Celery's meta is made and encoded once for the batch (its date_done is the batch's), with marks where each
+    answer's summary and task id go. A summary whose result this process encoded for the jobs table
+    (`Summary.result_json`) is spliced in as JSON text around it: encoding each 6-KB result again was half of
+    the ~110 µs each answer cost here. Others (and any backend that does not write JSON) are encoded whole.
+    """
+    meta = backend._get_result_meta(result=_RESULT_MARK, state=states.SUCCESS, traceback=None, request=None)
+    meta["task_id"] = _TASK_ID_MARK
+    template = backend.encode(meta)
+    result_mark, task_id_mark = json.dumps(_RESULT_MARK), json.dumps(_TASK_ID_MARK)
+    splice = (backend.serializer == "json" and isinstance(template, str)
+              and template.count(result_mark) == 1 and template.count(task_id_mark) == 1)
+
+    def encoded(answer: dict):
+        text = getattr(answer, "result_json", None)
+        if not splice or text is None:
+            whole = dict(meta, result=answer, task_id=answer["job_id"])
+            return backend.encode(whole)
+        summary = (f'{{"job_id": {json.dumps(answer["job_id"])}, "status": {json.dumps(answer["status"])}, '
+                   f'"result": {text}, "error": {json.dumps(answer["error"])}}}')
+        return template.replace(result_mark, summary, 1).replace(task_id_mark, json.dumps(answer["job_id"]), 1)
+
+    return encoded
 
 
 @app.task(name=SUBMIT_TASK)

@@ -47,9 +47,21 @@ class RunOutcome:
     ran: bool = False
     retry_in: float | None = None
     others: list[dict] = field(default_factory=list)
+    result_json: str | None = None
+    """The result as this process stored it in the jobs table (JSON text), when it recorded it."""
 
-    def summary(self) -> dict:
-        return {"job_id": self.job_id, "status": self.status, "result": self.result, "error": self.error}
+    def summary(self) -> Summary:
+        summary = Summary(job_id=self.job_id, status=self.status, result=self.result, error=self.error)
+        summary.result_json = self.result_json
+        return summary
+
+
+class Summary(dict):
+    """A job's summary ({job_id, status, result, error}: its Celery task's result), with `result_json`, the result's
+    JSON text when this process encoded it for the jobs table, so storing the summary elsewhere need not encode
+    the ~6-KB result again."""
+
+    result_json: str | None = None
 
 
 @dataclass
@@ -345,10 +357,10 @@ def _process(batch: list[_Claimed], kind: JobKind, worker: str, settings: Settin
                         failures.append((job, readable(one_exc), not isinstance(one_exc, RequestError)))
     if len(batch) >= kind.batch_size(settings) > 1:  # a full batch: more are likely queued
         _warm_next(kind, worker, settings)
-    recorded = _record_successes(successes, worker, settings)
+    recorded, texts = _record_successes(successes, worker, settings)
     for job, result in successes:
         if job.id in recorded:
-            outcomes[job.id] = RunOutcome(str(job.id), "succeeded", result=result)
+            outcomes[job.id] = RunOutcome(str(job.id), "succeeded", result=result, result_json=texts[job.id])
         else:
             log.warning("job %s was taken over by another worker; dropping this result", job.id)
             outcomes[job.id] = RunOutcome(str(job.id), "running")
@@ -364,11 +376,17 @@ def _is_time_limit(exc: BaseException) -> bool:
     return isinstance(exc, SoftTimeLimitExceeded)
 
 
-def _record_successes(successes: list[tuple[_Claimed, dict]], worker: str, settings: Settings) -> set[uuid.UUID]:
-    """Store results and cache rows in one statement; only jobs this worker still owns are written."""
+def _record_successes(
+    successes: list[tuple[_Claimed, dict]], worker: str, settings: Settings
+) -> tuple[set[uuid.UUID], dict[uuid.UUID, str]]:
+    """Store results and cache rows in one statement; only jobs this worker still owns are written.
+
+    Returns the ids written and each result's JSON text (encoded once: the result backend stores it too)."""
     if not successes:
-        return set()
-    rows = [{"id": str(job.id), "attempts": job.attempts, "result": result} for job, result in successes]
+        return set(), {}
+    texts = {job.id: dumps(result) for job, result in successes}
+    rows = "[" + ",".join(f'{{"id": "{job.id}", "attempts": {job.attempts}, "result": {texts[job.id]}}}'
+                          for job, _ in successes) + "]"
     with quick_commit(settings) as conn:
         ids = conn.execute(
             text(
@@ -392,7 +410,7 @@ def _record_successes(successes: list[tuple[_Claimed, dict]], worker: str, setti
                 SELECT id FROM updated
                 """
             ),
-            {"rows": dumps(rows), "worker": worker},
+            {"rows": rows, "worker": worker},
         ).scalars().all()
     stored = set(ids)
     for job, result in successes:
@@ -400,7 +418,7 @@ def _record_successes(successes: list[tuple[_Claimed, dict]], worker: str, setti
             timings = result.get("timings_ms") or {}
             log.info("job %s succeeded: %s, %d items in %.0f ms (batch of %s)", job.id, result.get("ranker", "-"),
                      len(result.get("items") or []), timings.get("total_ms", 0.0), result.get("batch_size", 1))
-    return stored
+    return stored, texts
 
 
 def _record_failure(job: _Claimed, message: str, retryable: bool, worker: str, settings: Settings) -> RunOutcome:
