@@ -115,7 +115,8 @@ def _meta_encoder(backend):
             return backend.encode(whole)
         summary = (f'{{"job_id": {json.dumps(answer["job_id"])}, "status": {json.dumps(answer["status"])}, '
                    f'"result": {text}, "error": {json.dumps(answer["error"])}}}')
-        return template.replace(result_mark, summary, 1).replace(task_id_mark, json.dumps(answer["job_id"]), 1)
+        # the task id first: the template holds one of each mark, a result may hold any text
+        return template.replace(task_id_mark, json.dumps(answer["job_id"]), 1).replace(result_mark, summary, 1)
 
     return encoded
 
