@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from markupsafe import escape
 from support.discover import tiny_llm_folder  # noqa: F401  (fixture)
 from web_fixtures import csrf_from
@@ -112,6 +114,28 @@ def test_admin_page_shows_the_groups_and_the_replacement(app, admin_client, load
     again = admin_client.post(f"/admin/discover/{job_id}/purchased",
                               data={"csrf_token": token, "stock_code": bought["stock_code"]})
     assert again.status_code == 409
+
+
+def test_admin_discover_forms_refuse_a_missing_or_forged_csrf_token(admin_client, loaded_db):
+    """The discover pages are forms of their own blueprint: a post without the session's token changes nothing."""
+    from sqlalchemy import text
+
+    from recsys.platform.db import get_engine
+
+    def discover_jobs() -> int:
+        with get_engine(loaded_db).connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM jobs WHERE kind = 'discover'")).scalar_one()
+
+    token = csrf_from(admin_client.get("/admin/discover/").get_data(as_text=True))
+    before = discover_jobs()
+    for form in ({"need": "bags"}, {"need": "bags", "csrf_token": "forged"}):
+        refused = admin_client.post("/admin/discover/", data=form)
+        assert refused.status_code == 400 and "did not come from this site" in refused.get_data(as_text=True)
+    refused = admin_client.post(f"/admin/discover/{uuid.uuid4()}/purchased",
+                                data={"stock_code": "85123A", "csrf_token": "forged"})
+    assert refused.status_code == 400 and "did not come from this site" in refused.get_data(as_text=True)
+    assert discover_jobs() == before
+    assert admin_client.post("/admin/discover/", data={"need": " ", "csrf_token": token}).status_code == 400
 
 
 def test_cli_discover(loaded_db, flushed_broker, tiny_llm_folder):  # noqa: F811

@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None, config: dict | None = None) -> 
 
     register_error_handlers(app)
     init_metrics(app)
-    init_csrf(app)
+    init_csrf(app, (admin.bp.name, admin_discover.bp.name))
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(admin_discover.bp)

@@ -28,15 +28,21 @@ def rotate_csrf_token() -> str:
     return csrf_token()
 
 
-def init_csrf(app: Flask, blueprints: tuple[str, ...] = ("admin",)) -> None:
-    app.jinja_env.globals["csrf_token"] = csrf_token
+def init_csrf(app: Flask, blueprints: tuple[str, ...]) -> None:
+    """Check the token on every unsafe request to these blueprints (the pages with forms), before their views.
 
-    @app.before_request
-    def check_csrf():
-        if request.method not in UNSAFE_METHODS or request.blueprint not in blueprints:
-            return
-        expected = session.get("csrf_token")
-        sent = request.form.get("csrf_token") or request.headers.get("X-CSRF-Token")
-        if not expected or not sent or not hmac.compare_digest(str(expected), str(sent)):
-            raise ApiError(400, "csrf_failed",
-                           "The form expired or did not come from this site; reload the page and try again.")
+    Registered per blueprint name (Flask's `before_request_funcs` scopes), not for the whole app: every blueprint
+    that serves forms must be named here, and the JSON API (API keys, no session) does not run the check."""
+    app.jinja_env.globals["csrf_token"] = csrf_token
+    for name in blueprints:
+        app.before_request_funcs.setdefault(name, []).append(check_csrf)
+
+
+def check_csrf():
+    if request.method not in UNSAFE_METHODS:
+        return
+    expected = session.get("csrf_token")
+    sent = request.form.get("csrf_token") or request.headers.get("X-CSRF-Token")
+    if not expected or not sent or not hmac.compare_digest(str(expected), str(sent)):
+        raise ApiError(400, "csrf_failed",
+                       "The form expired or did not come from this site; reload the page and try again.")
