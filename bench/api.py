@@ -37,7 +37,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from common import clear_jobs, free_port, load_average, loaded_database, machine, ratio
+from common import clear_jobs, cpu_seconds, free_port, load_average, loaded_database, machine, ratio
 from sqlalchemy import text
 
 from recsys import jobs
@@ -142,17 +142,6 @@ def parse_wrk(output: str) -> dict:
     return result
 
 
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
 def _children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -180,8 +169,8 @@ def cpu_snapshot(server_pid: int, backends: bool = True) -> dict:
 
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
-        "app": {pid: _cpu_seconds(pid) for pid in [server_pid, *_children(server_pid)]},
-        "postgres": {pid: _cpu_seconds(pid) for pid in _backends()} if backends else {},
+        "app": {pid: cpu_seconds(pid) for pid in [server_pid, *_children(server_pid)]},
+        "postgres": {pid: cpu_seconds(pid) for pid in _backends()} if backends else {},
         "load_tool": children.ru_utime + children.ru_stime,
     }
 

@@ -47,6 +47,16 @@ def machine() -> dict:
             "load_average": load_average()}
 
 
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of a process, or of one of its threads by native id; 0 once it is gone."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    try:
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ratio(system: float | None, baseline: float | None, digits: int = 3) -> float | None:
     """system / baseline, the figure each goal is stated in."""
     if not system or not baseline:

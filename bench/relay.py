@@ -8,7 +8,7 @@ second, paced, for `--seconds`, as `POST /recommendations` does (`wait_for_broke
 and the process's relay pushes the message), and alternately as the CLI does (`wait_for_broker=True`: the
 message pushed on the submitting thread, its reply awaited). Reported for each, medians over `--rounds`:
 submissions, LPUSHes and messages per push, the process's CPU per submission and, for the relay, its
-thread's CPU per submission (`/proc/self/task/<id>/stat`). It uses the API bench's database
+thread's CPU per submission (`/proc/<pid>/task/<thread id>/stat`). It uses the API bench's database
 (`recsys_bench_api`, loaded on first use) and its own Valkey on a free port; the jobs are deleted at the end.
 """
 
@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 
 from api import CACHED, prepare_database, start_broker
-from common import load_average, machine, ratio
+from common import cpu_seconds, load_average, machine, ratio
 from sqlalchemy import text
 
 from recsys import jobs
@@ -33,13 +33,6 @@ from recsys.config import Settings
 from recsys.jobs import relay
 from recsys.platform import broker, embedded
 from recsys.platform.db import dispose_engines, get_engine
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def thread_cpu_seconds(native_id: int) -> float:
-    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 class PushCounter:
@@ -72,7 +65,7 @@ def measure(settings: Settings, args, through_relay: bool, counter: PushCounter)
     run = uuid.uuid4().hex[:8]
     relay_thread = next(iter(relay._relays.values())).thread.native_id if through_relay else None
     counter.pushes = counter.messages = 0
-    relay_before = thread_cpu_seconds(relay_thread) if relay_thread else 0.0
+    relay_before = cpu_seconds(os.getpid(), relay_thread) if relay_thread else 0.0
     process_before = time.process_time()
     load = load_average()
     made = submit_paced(settings, args.rate, args.seconds, through_relay, run)
@@ -87,7 +80,7 @@ def measure(settings: Settings, args, through_relay: bool, counter: PushCounter)
     }
     if relay_thread:
         result["relay_thread_cpu_ms_per_submission"] = round(
-            (thread_cpu_seconds(relay_thread) - relay_before) * 1000 / made, 3)
+            (cpu_seconds(os.getpid(), relay_thread) - relay_before) * 1000 / made, 3)
     return result
 
 

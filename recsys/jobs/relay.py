@@ -30,9 +30,9 @@ from recsys.platform.db import database_key
 
 log = logging.getLogger(__name__)
 
-# The least time between two pushes of a relay: what a message waits at most under load. Each push cost the relay
-# thread 0.37-0.48 ms of CPU whatever it carried (one process paced at 250 submissions/s); waiting 5 ms for more
-# after a job's arrival instead (the eleventh round's relay) pushed 2 messages at a time there, woken twice a push.
+# The least time between two pushes of a relay: what a message waits at most under load. A push costs the relay
+# thread ~0.4 ms of CPU whatever it carries (its wake-ups, on 2 shared cores), so fewer, fuller pushes are cheaper
+# (`bench/relay.py`: 5.1 messages a push at 250 submissions/s into one process).
 PUSH_INTERVAL_SECONDS = 0.02
 # With a push's reply still unread, how long the relay waits for more work before reading it anyway.
 SETTLE_AFTER_SECONDS = 0.05
