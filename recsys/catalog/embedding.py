@@ -142,7 +142,7 @@ def _bfloat16_twin(model):
     Autocast casts a Linear's float32 weight to bf16 on every pass: ~11M parameters copied per call,
     ~4% of a worker's CPU for its batches' queries. Given the same values already cast, its cast is a no-op
     and the arithmetic is the same, so the vectors are bit-identical (tests/test_catalog.py; bench/
-    query_encoding.py: 1.02 → 0.90 ms a query in passes of 16, README).
+    query_encoding.py: 1.02 → 0.90 ms a query in passes of 16, docs/performance-history.md).
     """
     twin = _bfloat16_twins.get(id(model))
     if twin is None:

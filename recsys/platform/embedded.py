@@ -130,7 +130,7 @@ def _code_point_template(conn: psycopg.Connection) -> None:
     orders text differently and calls the C library's strcoll for every comparison. `C` orders UTF-8 text by
     code point (as `C.UTF-8` does, and as Python's `sorted` does), and Postgres then compares bytes
     directly, so the text index builds, sorts and key lookups on stock codes and invoice numbers are cheaper
-    (README, Performance). The character classes (`LC_CTYPE`: case mapping, full-text parsing)
+    (docs/performance-history.md, Ingest). The character classes (`LC_CTYPE`: case mapping, full-text parsing)
     stay the cluster's. Done on a new cluster only, before its first database; existing databases keep the
     collation they were created with.
     """
