@@ -126,7 +126,7 @@ def main() -> None:
     print(json.dumps({
         "machine": started_machine | {"load_average_end": load_average()},
         "rate_per_second": args.rate, "seconds": args.seconds, "rounds": args.rounds,
-        "push_interval_seconds": getattr(relay, "PUSH_INTERVAL_SECONDS", None),  # None: a relay before it had one
+        "push_interval_seconds": relay.PUSH_INTERVAL_SECONDS,
         "summary": summary,
         "relay_process_cpu_share_of_direct": ratio(summary["relay"]["process_cpu_ms_per_submission"],
                                                    summary["direct"]["process_cpu_ms_per_submission"]),
