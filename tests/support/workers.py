@@ -39,6 +39,7 @@ class WorkerProcess:
                  pool: str = "prefork", concurrency: int = 1, loglevel: str = "INFO", prefix: str = "test") -> None:
         self.settings = settings
         self.log_path = log_path
+        self.concurrency = concurrency if pool == "prefork" else 1
         argv = worker_argv(settings, pool=pool, beat=beat, concurrency=concurrency, loglevel=loglevel,
                            name=f"{prefix}-{os.getpid()}-{next(_names)}@%h")
         self._log = open(log_path, "ab")  # noqa: SIM115  (closed in stop)
@@ -46,14 +47,18 @@ class WorkerProcess:
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
-        """Until a heartbeat of this worker says its models are loaded."""
+        """Until the heartbeats of every process that runs tasks (each pool child) say its models are loaded; the
+        first one's heartbeat. Returning at the first, a run timed from here had the other children still loading
+        their models (seconds of CPU on the same cores) while they took no jobs."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            for beat in jobs.worker_status(self.settings)["workers"]:
-                if beat.get("ready") and beat["pid"] in self.pids():
-                    return beat
+            pids = self.pids()
+            ready = [beat for beat in jobs.worker_status(self.settings)["workers"]
+                     if beat.get("ready") and beat["pid"] in pids]
+            if len({beat["pid"] for beat in ready}) >= self.concurrency:
+                return ready[0]
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()}")
 
