@@ -40,7 +40,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from common import clear_jobs, cpu_seconds, free_port, load_average, loaded_database, machine, ratio
+from common import clear_jobs, cpu_seconds, database_backends, free_port, load_average, loaded_database, machine, ratio
 from sqlalchemy import text
 
 from recsys import jobs
@@ -154,20 +154,6 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _backends() -> list[int]:
-    """Postgres backends serving the bench database (the server is shared with other databases)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(b"postgres: ") and BENCH_DB.encode() in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 def cpu_snapshot(server_pid: int, backends: bool = True) -> dict:
     """CPU seconds so far of the gunicorn processes, the bench database's backends and finished children (wrk)."""
     import resource
@@ -175,7 +161,7 @@ def cpu_snapshot(server_pid: int, backends: bool = True) -> dict:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "app": {pid: cpu_seconds(pid) for pid in [server_pid, *_children(server_pid)]},
-        "postgres": {pid: cpu_seconds(pid) for pid in _backends()} if backends else {},
+        "postgres": {pid: cpu_seconds(pid) for pid in database_backends(BENCH_DB)} if backends else {},
         "load_tool": children.ru_utime + children.ru_stime,
     }
 

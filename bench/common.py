@@ -57,6 +57,31 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds every core of this machine has spent busy since boot (/proc/stat: all but idle and iowait);
+    None where /proc/stat cannot be read."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
+def database_backends(database: str) -> list[int]:
+    """The local Postgres backends serving `database` (the embedded server is shared with other databases)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"postgres: ") and f" {database} ".encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
 def ratio(system: float | None, baseline: float | None, digits: int = 3) -> float | None:
     """system / baseline, the figure each goal is stated in."""
     if not system or not baseline:

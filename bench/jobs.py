@@ -10,7 +10,9 @@ waited for the same way. For each worker size in `--concurrency` (processes), th
 with a fresh worker, so the ratio holds on a shared, loaded machine; `--rounds` repeats the pair and
 reports each round and the medians (the no-op rate alone moved 219-426 tasks/s between runs minutes
 apart on the 2-core machine). Each retrieval run also reports the pipeline's stage times per job, from
-the results' `timings_ms`. Goal (issue 16): retrieval
+the results' `timings_ms`, and each run the CPU it cost per task, from /proc: the whole machine's and
+that of the worker, the bench database's Postgres backends, this process (the submitting threads) and
+the broker, with the medians of the machine's per round and their ratio. Goal (issue 16): retrieval
 jobs/s ≥ 50% of the no-op's, 0 lost; and 2 processes against 1.
 Then, unless --skip-llm, jobs with the packaged Gemma ranker (`--llm-ranker`, default `llm-verbalizer`),
 once per batch size. Every request is distinct (customer, query), so nothing is answered from the
@@ -41,7 +43,18 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common import clear_jobs, free_port, keep_old_jobs, load_average, loaded_database, machine, ratio
+from common import (
+    clear_jobs,
+    cpu_seconds,
+    database_backends,
+    free_port,
+    keep_old_jobs,
+    load_average,
+    loaded_database,
+    machine,
+    machine_busy_seconds,
+    ratio,
+)
 from sqlalchemy import text
 from support import workers
 
@@ -85,6 +98,43 @@ def start_worker(settings: Settings, log_path: Path, pool: str = "prefork", conc
                                  loglevel="WARNING", prefix="bench")
 
 
+def cpu_snapshot(worker_pids: set[int], broker_pid: int | None) -> dict:
+    """CPU seconds so far of the machine (every process), the worker (main process and pool children), the bench
+    database's Postgres backends, this process (the submitting threads, or the no-op's client) and the broker."""
+    return {
+        "machine": machine_busy_seconds(),
+        "worker": {pid: cpu_seconds(pid) for pid in worker_pids},
+        "postgres": {pid: cpu_seconds(pid) for pid in database_backends(BENCH_DB)},
+        "bench_process": {os.getpid(): cpu_seconds(os.getpid())},
+        "broker": {broker_pid: cpu_seconds(broker_pid)} if broker_pid else {},
+    }
+
+
+def cpu_per_task(before: dict, after: dict, tasks: int) -> dict | None:
+    """Milliseconds of CPU per finished task between two snapshots: the machine's (all of it: what the rate
+    competes for on shared cores) and each part's. A process that ended in between is not counted."""
+    if not tasks or before["machine"] is None or after["machine"] is None:
+        return None
+    spent = {"machine": after["machine"] - before["machine"]}
+    for part in ("worker", "postgres", "bench_process", "broker"):
+        spent[part] = sum(value - before[part].get(pid, 0.0) for pid, value in after[part].items())
+    return {f"{part}_ms": round(seconds * 1000 / tasks, 2) for part, seconds in spent.items()}
+
+
+def _process_group(pgid: int) -> set[int]:
+    """The processes of a process group (a worker started in its own session: its main process and children)."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:
+                members.add(int(entry.name))
+    return members
+
+
 def rate(count: int, seconds: float) -> float:
     """Per second, with three decimals when it is below 10 (Gemma on a CPU) and one above."""
     value = count / seconds
@@ -108,7 +158,7 @@ def noop_config(broker_url: str) -> dict:
     return config | {"broker_url": broker_url, "result_backend": broker_url}
 
 
-def run_noop(settings: Settings, count: int, concurrency: int, args, log_dir: Path) -> dict:
+def run_noop(settings: Settings, count: int, concurrency: int, args, log_dir: Path, broker_pid: int | None) -> dict:
     """`count` no-op tasks sent from `--submit-threads` threads to a fresh no-op worker, until all are done."""
     import redis
     from celery import Celery
@@ -130,6 +180,7 @@ def run_noop(settings: Settings, count: int, concurrency: int, args, log_dir: Pa
         for warm in [client.send_task(TASK, args=[-1 - i], queue=QUEUE) for i in range(concurrency)]:
             warm.get(timeout=300)
         load_before = load_average()
+        cpu_before = cpu_snapshot(_process_group(proc.pid), broker_pid)
         started = datetime.now(UTC)
         with ThreadPoolExecutor(args.submit_threads) as pool:
             sent = list(pool.map(lambda n: client.send_task(TASK, args=[n], queue=QUEUE), range(count)))
@@ -145,6 +196,7 @@ def run_noop(settings: Settings, count: int, concurrency: int, args, log_dir: Pa
             if isinstance(done, str):
                 done = datetime.fromisoformat(done)
             finished.append(done if done.tzinfo else done.replace(tzinfo=UTC))
+        cpu_after = cpu_snapshot(_process_group(proc.pid), broker_pid)
         load_after = load_average()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -162,12 +214,13 @@ def run_noop(settings: Settings, count: int, concurrency: int, args, log_dir: Pa
         "submit_seconds": round((submitted - started).total_seconds(), 2),
         "end_to_end_seconds": round(span, 2) if span else None,
         "tasks_per_second": rate(succeeded, span) if span else None,
+        "cpu_per_task": cpu_per_task(cpu_before, cpu_after, succeeded),
         "load_average_1m": [load_before[0], load_after[0]],
     }
 
 
 def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str, str], args, log_dir: Path,
-                 concurrency: int = 1) -> dict:
+                 concurrency: int = 1, broker_pid: int | None = None) -> dict:
     clear_jobs(settings, keep_old=args.kept_jobs > 0)
     import redis
 
@@ -179,6 +232,7 @@ def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str,
         load_before = os.getloadavg()[0]
         with get_engine(settings).connect() as conn:
             since = conn.execute(text("SELECT now()")).scalar_one()
+        cpu_before = cpu_snapshot(worker.pids(), broker_pid)
         started = time.perf_counter()
         with ThreadPoolExecutor(args.submit_threads) as pool:
             outcomes = list(pool.map(lambda r: jobs.submit_recommendation(r, settings=settings), requests))
@@ -189,6 +243,7 @@ def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str,
             if open_jobs == 0:
                 break
             time.sleep(0.05)
+        cpu_after = cpu_snapshot(worker.pids(), broker_pid)
         with get_engine(settings).connect() as conn:
             row = conn.execute(text(
                 """
@@ -223,6 +278,7 @@ def run_scenario(settings: Settings, requests: list[dict], worker_env: dict[str,
         "p95_ms": round(float(row.p95) * 1000, 1) if row.p95 is not None else None,
         "mean_batch": round(float(row.mean_batch), 2) if row.mean_batch is not None else None,
         "pipeline_ms_per_job": {key: round(float(value), 2) for key, value in stages},
+        "cpu_per_job": cpu_per_task(cpu_before, cpu_after, row.succeeded),
         "load_average_1m": [round(load_before, 2), round(load_after, 2)],
     }
 
@@ -250,6 +306,15 @@ def run_first_jobs(settings: Settings, requests: list[dict], args, log_dir: Path
         latencies.append(round(float(row.seconds) * 1000, 1) if row.status == "succeeded" else None)
     return {"jobs": len(requests), "submit_to_succeeded_ms": latencies,
             "median_ms": None if None in latencies else statistics.median(latencies)}
+
+
+def median_cpu(costs) -> float | None:
+    """The median of the rounds' machine CPU per task (None when a round could not read /proc/stat).
+
+    Where both the no-op and the retrieval runs keep every core busy, their rates stand in the inverse ratio of
+    their CPU per task; where a run leaves cores idle, its rate is bound by waiting, not by CPU."""
+    costs = [cost and cost["machine_ms"] for cost in costs]
+    return None if None in costs else round(statistics.median(costs), 2)
 
 
 def median_of(rates) -> float | None:
@@ -283,7 +348,7 @@ def main() -> None:
     bench = loaded_database(base, BENCH_DB)
     home = Path(tempfile.mkdtemp(prefix="recsys-bench-jobs-"))
     broker = Settings(home=home, broker_port=free_port())
-    embedded.start_broker(broker)
+    broker_pid = embedded.start_broker(broker).pid
     settings = bench.with_(broker_port=broker.broker_port, broker_url=broker.celery_broker_url)
     sizes = [int(size) for size in args.concurrency.split(",")]
     report: dict = {
@@ -300,19 +365,24 @@ def main() -> None:
         for size in sizes:
             rounds = []
             for _ in range(args.rounds):
-                noop = run_noop(settings, args.noop_tasks or args.retrieval_jobs, size, args, home)
+                noop = run_noop(settings, args.noop_tasks or args.retrieval_jobs, size, args, home, broker_pid)
                 retrieval = run_scenario(settings, requests, {"RECSYS_BATCH_SIZE": str(batch)}, args, home,
-                                         concurrency=size) | {"batch_size": batch}
+                                         concurrency=size, broker_pid=broker_pid) | {"batch_size": batch}
                 rounds.append({"noop": noop, "retrieval": retrieval,
                                "retrieval_share_of_noop": ratio(retrieval["jobs_per_second"],
                                                                 noop["tasks_per_second"])})
             noop_rate = median_of(r["noop"]["tasks_per_second"] for r in rounds)
             retrieval_rate = median_of(r["retrieval"]["jobs_per_second"] for r in rounds)
+            noop_cpu = median_cpu(r["noop"]["cpu_per_task"] for r in rounds)
+            retrieval_cpu = median_cpu(r["retrieval"]["cpu_per_job"] for r in rounds)
             report[f"processes_{size}"] = {
                 "noop_tasks_per_second": noop_rate,
                 "retrieval_jobs_per_second": retrieval_rate,
                 "retrieval_share_of_noop": ratio(retrieval_rate, noop_rate),
                 "goal_share_of_noop": 0.5,
+                "machine_cpu_ms_per_noop_task": noop_cpu,
+                "machine_cpu_ms_per_retrieval_job": retrieval_cpu,
+                "noop_cpu_over_retrieval_cpu": ratio(noop_cpu, retrieval_cpu),
                 "lost": sum(r["retrieval"]["lost"] + r["noop"]["lost"] for r in rounds),
                 "rounds": rounds,
             }
