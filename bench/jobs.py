@@ -1,6 +1,7 @@
 """End-to-end job throughput: submit → real Celery worker → succeeded, against a no-op Celery task. Prints JSON.
 
     python bench/jobs.py [--retrieval-jobs 1000] [--concurrency 1,2] [--rounds 1] [--kept-jobs 0] [--first-jobs 0]
+                         [--statement-stats]
                          [--llm-jobs 100] [--llm-ranker llm-verbalizer] [--llm-batch-sizes 1,8] [--skip-llm]
 
 Ceiling: bench/noop_worker.py, a task that does nothing, on the same broker with the same worker
@@ -23,7 +24,9 @@ on a free port. Load averages are reported because the cores are shared. `--kept
 the jobs table with N jobs finished weeks ago (without results), as a deployment keeps them until
 `recsys jobs cleanup`, and keeps them through the rounds: the job statements then run against a table
 of that size, as they do in production. `--first-jobs N` also starts N fresh workers, one after the
-other, and times each one's first job sent alone (submit→succeeded).
+other, and times each one's first job sent alone (submit→succeeded). `--statement-stats` adds one more
+one-process retrieval run with Postgres logging each statement's CPU (`log_statement_stats`, embedded
+server only) and reports the statements that cost most, per job.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -308,6 +312,81 @@ def run_first_jobs(settings: Settings, requests: list[dict], args, log_dir: Path
             "median_ms": None if None in latencies else statistics.median(latencies)}
 
 
+_LOG_ENTRY = re.compile(r"^\S+ \S+ \S+ \[\d+\] [A-Z]+:  ")  # the embedded server's prefix: '%m [%p] '
+_USAGE = re.compile(r"!\s+([\d.]+) s user, ([\d.]+) s system")
+
+
+def statement_cpu(log_text: str) -> dict[str, list]:
+    """Postgres's `log_statement_stats` entries summed by statement: {statement: [CPU seconds, messages]}.
+
+    Each entry is a LOG line (QUERY, or PARSE/BIND/EXECUTE MESSAGE STATISTICS), a DETAIL whose first usage line
+    has the user and system CPU the message cost, then the STATEMENT it was for. Statements are told apart by
+    their first 100 characters, whitespace collapsed."""
+    spent: dict[str, list] = {}
+    in_stats, usage, cpu, statement = False, None, None, None
+
+    def close() -> None:
+        if statement is not None:
+            total = spent.setdefault(" ".join(" ".join(statement).split())[:100], [0.0, 0])
+            total[0] += cpu
+            total[1] += 1
+
+    for line in log_text.splitlines():
+        if _LOG_ENTRY.match(line):
+            close()
+            statement = None
+            if " LOG:  " in line and line.rstrip().endswith("STATISTICS"):
+                in_stats, usage = True, None
+            elif " STATEMENT:  " in line and usage is not None:
+                statement, cpu, usage = [line.split(" STATEMENT:  ", 1)[1]], usage, None
+            continue
+        if in_stats:
+            found = _USAGE.search(line)
+            if found:
+                usage, in_stats = float(found.group(1)) + float(found.group(2)), False
+        elif statement is not None:
+            statement.append(line)
+    close()
+    return spent
+
+
+def run_with_statement_stats(settings: Settings, requests: list[dict], batch: int, args, log_dir: Path,
+                              broker_pid: int | None) -> dict:
+    """One more one-process retrieval run with Postgres reporting each statement's CPU (`log_statement_stats`
+    on the bench database), summed by statement from the embedded server's log: where Postgres's part of a
+    job goes, the worker's start (its best sellers and co-purchase partners, read once) and the bench's own
+    statements included. Its rate is not comparable with the rounds' (the logging costs Postgres CPU of its own)."""
+    if not settings.uses_embedded_db:
+        return {"skipped": "needs the embedded Postgres (the statistics are read from its log file)"}
+    log_file = settings.pgdata / "log"
+
+    def set_stats(value: str) -> None:
+        with get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f"ALTER DATABASE {BENCH_DB} {value}"))
+        dispose_engines()  # the setting reaches new sessions only
+
+    set_stats("SET log_statement_stats = on")
+    offset = log_file.stat().st_size
+    try:
+        run = run_scenario(settings, requests, {"RECSYS_BATCH_SIZE": str(batch)}, args, log_dir, broker_pid=broker_pid)
+    finally:
+        set_stats("RESET log_statement_stats")
+    with open(log_file, "rb") as handle:
+        handle.seek(offset)
+        spent = statement_cpu(handle.read().decode(errors="replace"))
+    total = sum(seconds for seconds, _ in spent.values())
+    jobs_done = run["succeeded"] or 1
+    top = sorted(spent.items(), key=lambda item: -item[1][0])[:12]
+    return {
+        "jobs": run["jobs"], "lost": run["lost"], "jobs_per_second": run["jobs_per_second"],
+        "postgres_cpu_ms_per_job": round(total * 1000 / jobs_done, 3),
+        "statements": [{"statement": statement, "messages": messages,
+                        "cpu_ms_per_job": round(seconds * 1000 / jobs_done, 3),
+                        "share": round(seconds / total, 3) if total else None}
+                       for statement, (seconds, messages) in top],
+    }
+
+
 def median_cpu(costs) -> float | None:
     """The median of the rounds' machine CPU per task (None when a round could not read /proc/stat).
 
@@ -340,6 +419,8 @@ def main() -> None:
                         help="finished jobs kept in the table from before (a deployment's history), inserted once")
     parser.add_argument("--first-jobs", type=int, default=0,
                         help="also time N fresh workers' first job, each alone (submit→succeeded)")
+    parser.add_argument("--statement-stats", action="store_true",
+                        help="after the rounds, one more one-process retrieval run with Postgres's CPU by statement")
     parser.add_argument("--rounds", type=int, default=1,
                         help="no-op then retrieval runs per worker size; rates are the rounds' medians")
     args = parser.parse_args()
@@ -392,6 +473,9 @@ def main() -> None:
                 "retrieval": ratio(last["retrieval_jobs_per_second"], first["retrieval_jobs_per_second"], 2),
                 "noop": ratio(last["noop_tasks_per_second"], first["noop_tasks_per_second"], 2),
             }
+        if args.statement_stats:
+            report["postgres_cpu_by_statement"] = run_with_statement_stats(settings, requests, batch, args, home,
+                                                                           broker_pid)
         if args.first_jobs:
             report["first_job_of_a_fresh_worker"] = run_first_jobs(
                 settings, workload(settings, args.first_jobs, "retrieval", 3), args, home)
