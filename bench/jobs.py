@@ -359,6 +359,8 @@ def run_with_statement_stats(settings: Settings, requests: list[dict], batch: in
     if not settings.uses_embedded_db:
         return {"skipped": "needs the embedded Postgres (the statistics are read from its log file)"}
     log_file = settings.pgdata / "log"
+    if not log_file.is_file():
+        return {"skipped": f"no server log at {log_file}"}
 
     def set_stats(value: str) -> None:
         with get_engine(settings).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
