@@ -40,7 +40,18 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from common import clear_jobs, cpu_seconds, database_backends, free_port, load_average, loaded_database, machine, ratio
+from common import (
+    clear_jobs,
+    cpu_seconds,
+    cpu_spent,
+    database_backends,
+    free_port,
+    load_average,
+    loaded_database,
+    machine,
+    ratio,
+    with_children,
+)
 from sqlalchemy import text
 
 from recsys import jobs
@@ -147,20 +158,13 @@ def parse_wrk(output: str) -> dict:
     return result
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def cpu_snapshot(server_pid: int, backends: bool = True) -> dict:
     """CPU seconds so far of the gunicorn processes, the bench database's backends and finished children (wrk)."""
     import resource
 
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
-        "app": {pid: cpu_seconds(pid) for pid in [server_pid, *_children(server_pid)]},
+        "app": {pid: cpu_seconds(pid) for pid in with_children(server_pid)},
         "postgres": {pid: cpu_seconds(pid) for pid in database_backends(BENCH_DB)} if backends else {},
         "load_tool": children.ru_utime + children.ru_stime,
     }
@@ -168,10 +172,7 @@ def cpu_snapshot(server_pid: int, backends: bool = True) -> dict:
 
 def cpu_per_request(before: dict, after: dict, requests: int) -> dict:
     """Milliseconds of CPU per request spent in the app, in Postgres and in wrk."""
-    def spent(part):
-        return sum(value - before[part].get(pid, 0.0) for pid, value in after[part].items())
-
-    per = {part: spent(part) for part in ("app", "postgres")}
+    per = {part: cpu_spent(before[part], after[part]) for part in ("app", "postgres")}
     per["load_tool"] = after["load_tool"] - before["load_tool"]
     return {f"{part}_ms": round(seconds * 1000 / max(requests, 1), 3) for part, seconds in per.items()}
 

@@ -57,6 +57,20 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def with_children(pid: int) -> list[int]:
+    """A process and its direct children (a gunicorn master and its workers, a Celery worker and its pool)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    return [pid, *(int(child) for child in children)]
+
+
+def cpu_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two {pid: cpu_seconds} snapshots; a process that started in between counts from 0."""
+    return sum(value - before.get(pid, 0.0) for pid, value in after.items())
+
+
 def machine_busy_seconds() -> float | None:
     """CPU seconds every core of this machine has spent busy since boot (/proc/stat: all but idle and iowait);
     None where /proc/stat cannot be read."""

@@ -50,6 +50,7 @@ from pathlib import Path
 from common import (
     clear_jobs,
     cpu_seconds,
+    cpu_spent,
     database_backends,
     free_port,
     keep_old_jobs,
@@ -58,6 +59,7 @@ from common import (
     machine,
     machine_busy_seconds,
     ratio,
+    with_children,
 )
 from sqlalchemy import text
 from support import workers
@@ -102,7 +104,7 @@ def start_worker(settings: Settings, log_path: Path, pool: str = "prefork", conc
                                  loglevel="WARNING", prefix="bench")
 
 
-def cpu_snapshot(worker_pids: set[int], broker_pid: int | None) -> dict:
+def cpu_snapshot(worker_pids, broker_pid: int | None) -> dict:
     """CPU seconds so far of the machine (every process), the worker (main process and pool children), the bench
     database's Postgres backends, this process (the submitting threads, or the no-op's client) and the broker."""
     return {
@@ -121,22 +123,8 @@ def cpu_per_task(before: dict, after: dict, tasks: int) -> dict | None:
         return None
     spent = {"machine": after["machine"] - before["machine"]}
     for part in ("worker", "postgres", "bench_process", "broker"):
-        spent[part] = sum(value - before[part].get(pid, 0.0) for pid, value in after[part].items())
+        spent[part] = cpu_spent(before[part], after[part])
     return {f"{part}_ms": round(seconds * 1000 / tasks, 2) for part, seconds in spent.items()}
-
-
-def _process_group(pgid: int) -> set[int]:
-    """The processes of a process group (a worker started in its own session: its main process and children)."""
-    members = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid:
-                members.add(int(entry.name))
-    return members
 
 
 def rate(count: int, seconds: float) -> float:
@@ -184,7 +172,7 @@ def run_noop(settings: Settings, count: int, concurrency: int, args, log_dir: Pa
         for warm in [client.send_task(TASK, args=[-1 - i], queue=QUEUE) for i in range(concurrency)]:
             warm.get(timeout=300)
         load_before = load_average()
-        cpu_before = cpu_snapshot(_process_group(proc.pid), broker_pid)
+        cpu_before = cpu_snapshot(with_children(proc.pid), broker_pid)
         started = datetime.now(UTC)
         with ThreadPoolExecutor(args.submit_threads) as pool:
             sent = list(pool.map(lambda n: client.send_task(TASK, args=[n], queue=QUEUE), range(count)))
@@ -200,7 +188,7 @@ def run_noop(settings: Settings, count: int, concurrency: int, args, log_dir: Pa
             if isinstance(done, str):
                 done = datetime.fromisoformat(done)
             finished.append(done if done.tzinfo else done.replace(tzinfo=UTC))
-        cpu_after = cpu_snapshot(_process_group(proc.pid), broker_pid)
+        cpu_after = cpu_snapshot(with_children(proc.pid), broker_pid)
         load_after = load_average()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
